@@ -1,0 +1,1081 @@
+#!/usr/bin/env python3
+"""usrsync hashing agent: the manifest engine, hash cache, locks, staging, verify, promote.
+
+One file, standard library only, Python >= 3.6 (login nodes run old system Pythons).
+The orchestrator imports this same module for the local side, so both ends scan,
+classify and hash identically. On the remote it runs as `... serve NONCE` and speaks
+length-prefixed JSON frames on stdin/stdout after a sentinel line.
+"""
+
+import errno
+import getpass
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+try:  # optional: XXH3-128 is ~10x faster than sha256, but login nodes rarely have it
+    import xxhash
+except ImportError:  # pragma: no cover - depends on the interpreter
+    xxhash = None
+
+AGENT_VERSION = "1"
+SENTINEL = "USRSYNC-AGENT"
+READ_CHUNK = 1 << 20
+MAX_FRAME = 64 << 20  # compressed bytes on the wire
+MAX_FRAME_RAW = 256 << 20  # after decompression
+CHUNK_ENTRIES = 5000
+RACY_WINDOW_NS = 2 * 10**9  # git's racy-clean rule
+CACHE_FORMAT = 1
+FLAG_ZLIB = 1
+EXIT_AGENT_MISSING = 96  # loader exit codes: the orchestrator uploads and retries
+EXIT_AGENT_MISMATCH = 97
+
+# --- dataset layout (DESIGN §3) ------------------------------------------------------
+
+PRIMARY = "primary"
+META = "meta"
+EVENTS = ".events.log"
+SNAPSHOTS = "_snapshots"
+DERIVED = "_derived"
+AUXILIARY = "_auxiliary"
+SECTIONS = (PRIMARY, META, EVENTS, SNAPSHOTS, DERIVED, AUXILIARY)
+TOP_LEVEL_SECTIONS = {"records.parquet": PRIMARY, "meta.md": META, ".events.log": EVENTS}
+RUNTIME_TOP_NAMES = {".usr.lock", ".events.lock", ".usr.transfer.lock"}
+RUNTIME_TOP_PREFIXES = (".usr.lease.", ".usrsync")
+# rsync's own temporary names: partial dirs and in-flight files (".name.XXXXXX")
+RUNTIME_ANY_NAMES = {".usrsync-partial", ".rsync-partial", "~tmp~"}
+
+KIND_FILE = "file"
+KIND_SYMLINK = "symlink"
+KIND_SPECIAL = "special"
+KIND_BADNAME = "badname"
+
+STATE_DIR = ".usrsync"  # under a datasets root/base_dir: locks, staging, journal
+
+
+class AgentError(Exception):
+    """An expected failure with a machine-readable kind, sent back as an error frame."""
+
+    def __init__(self, kind, message, **detail):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+        self.detail = detail
+
+
+def classify(relpath):
+    """Section of a dataset-relative POSIX path, or None for runtime files (never synced)."""
+    parts = relpath.split("/")
+    top = parts[0]
+    if top in RUNTIME_TOP_NAMES or top.startswith(RUNTIME_TOP_PREFIXES):
+        return None
+    for part in parts:
+        if part in RUNTIME_ANY_NAMES:
+            return None
+    if len(parts) == 1 and top in TOP_LEVEL_SECTIONS:
+        return TOP_LEVEL_SECTIONS[top]
+    if top == "_snapshots" and len(parts) > 1:
+        return SNAPSHOTS
+    if top == "_derived" and len(parts) > 1:
+        return DERIVED
+    return AUXILIARY
+
+
+def unsafe_path_reason(relpath):
+    """Why a relative path from the other side must not be used, or None when it is safe."""
+    if not isinstance(relpath, str) or not relpath:
+        return "empty path"
+    if "\x00" in relpath or "\n" in relpath or "\r" in relpath:
+        return "control character in path"
+    if relpath.startswith("/"):
+        return "absolute path"
+    parts = relpath.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "'.', '..' or empty component"
+    return None
+
+
+def check_dataset_id(dataset):
+    """Dataset ids are relative paths below the base dir: no '..', no absolute path."""
+    reason = unsafe_path_reason(dataset)
+    if reason is None and dataset.split("/")[0].startswith(STATE_DIR):
+        reason = "reserved name"
+    if reason is not None:
+        raise AgentError("unsafe_dataset", "unsafe dataset id %r: %s" % (dataset, reason))
+
+
+def dataset_key(dataset):
+    """A flat, filesystem-safe name for a dataset id (for lock, staging and cache files)."""
+    return dataset.replace("%", "%25").replace("/", "%2F")
+
+
+def dataset_dir(base_dir, dataset):
+    check_dataset_id(dataset)
+    return os.path.join(expand(base_dir), *dataset.split("/"))
+
+
+def expand(path):
+    return os.path.abspath(os.path.expanduser(path))
+
+
+# --- hashing ---------------------------------------------------------------------------
+
+
+def hash_algos():
+    """Algorithms this interpreter offers, best first."""
+    return (["xxh3_128"] if xxhash is not None else []) + ["sha256"]
+
+
+def new_hasher(algo):
+    if algo == "xxh3_128":
+        if xxhash is None:
+            raise AgentError("hash_unavailable", "xxhash is not installed here")
+        return xxhash.xxh3_128()
+    if algo == "sha256":
+        return hashlib.sha256()
+    raise AgentError("hash_unavailable", "unknown hash algorithm %r" % algo)
+
+
+_buffers = threading.local()
+
+
+def _buffer():
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(READ_CHUNK)
+    return buf
+
+
+def open_nofollow(path):
+    """Open for reading without following a symlink planted in place of the file."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+def hash_file(path, algo, count_lines=False):
+    """(hex digest, bytes read, newline count or None) of one file, read in 1 MiB chunks."""
+    hasher = new_hasher(algo)
+    buf = _buffer()
+    view = memoryview(buf)
+    total = 0
+    lines = 0 if count_lines else None
+    fd = open_nofollow(path)
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as handle:
+            while True:
+                n = handle.readinto(buf)
+                if not n:
+                    break
+                chunk = view[:n]
+                hasher.update(chunk)
+                if count_lines:
+                    lines += buf.count(b"\n", 0, n)
+                total += n
+    finally:
+        view.release()
+    return hasher.hexdigest(), total, lines
+
+
+def line_digests(path):
+    """Short digests of every complete line, and whether a partial last line follows.
+
+    Used to decide whether one .events.log is a complete-line prefix of the other, and how
+    many lines each side has past the common prefix when they diverge.
+    """
+    digests = []
+    partial = False
+    if not os.path.lexists(path):
+        return digests, partial
+    with os.fdopen(open_nofollow(path), "rb") as handle:
+        for line in handle:
+            if line.endswith(b"\n"):
+                digests.append(hashlib.blake2b(line, digest_size=8).hexdigest())
+            else:
+                partial = True
+    return digests, partial
+
+
+# --- hash cache ------------------------------------------------------------------------
+
+
+def default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "usrsync")
+
+
+class HashCache(object):
+    """(relpath, size, mtime_ns, ctime_ns, inode) -> digest, one file per dataset and algo.
+
+    Never keyed on st_dev (it changes across NFS/Lustre remounts). A corrupt or foreign
+    cache file is ignored and rebuilt, never trusted.
+    """
+
+    def __init__(self, cache_dir, root, algo):
+        self.root = root
+        self.algo = algo
+        name = hashlib.sha256(("%s\x00%s" % (root, algo)).encode("utf-8", "surrogateescape"))
+        self.path = os.path.join(cache_dir, "hashes", name.hexdigest()[:32] + ".json")
+        self.old = {}
+        self.new = {}
+        self.loaded_ok = False
+        try:
+            with open(self.path, "rb") as handle:
+                doc = json.loads(handle.read().decode("utf-8"))
+            if (
+                isinstance(doc, dict)
+                and doc.get("format") == CACHE_FORMAT
+                and doc.get("root") == root
+                and doc.get("algo") == algo
+                and isinstance(doc.get("entries"), dict)
+            ):
+                self.old = doc["entries"]
+                self.loaded_ok = True
+        except (OSError, ValueError, UnicodeDecodeError):
+            pass
+
+    @staticmethod
+    def key(st):
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def get(self, relpath, st):
+        hit = self.old.get(relpath)
+        if isinstance(hit, list) and len(hit) == 5 and hit[:4] == self.key(st) and isinstance(hit[4], str):
+            return hit[4]
+        return None
+
+    def put(self, relpath, st, digest):
+        self.new[relpath] = self.key(st) + [digest]
+
+    def save(self):
+        doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo, "entries": self.new}
+        try:
+            atomic_write(self.path, json.dumps(doc, separators=(",", ":")).encode("utf-8"), mode=0o600)
+        except OSError:
+            pass  # a cache is an optimisation: a read-only home must not fail the sync
+
+
+def atomic_write(path, data, mode=0o644):
+    directory = os.path.dirname(path)
+    makedirs(directory)
+    tmp = "%s.tmp.%d.%d" % (path, os.getpid(), threading.get_ident())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def makedirs(path, mode=0o755):
+    try:
+        os.makedirs(path, mode)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST or not os.path.isdir(path):
+            raise
+
+
+# --- scanning and manifests ----------------------------------------------------------
+
+
+def _walk(root, prefix=""):
+    """Yield (relpath, lstat) for every non-directory below root, skipping runtime files."""
+    try:
+        entries = list(os.scandir(os.path.join(root, prefix) if prefix else root))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        rel = prefix + entry.name
+        if classify(rel) is None:
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            for item in _walk(root, rel + "/"):
+                yield item
+        else:
+            yield rel, st
+
+
+def _kind(rel, st):
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return KIND_BADNAME
+    if stat.S_ISREG(st.st_mode):
+        return KIND_FILE
+    if stat.S_ISLNK(st.st_mode):
+        return KIND_SYMLINK
+    return KIND_SPECIAL
+
+
+def scan(root):
+    """Sorted (relpath, kind, lstat) of a dataset dir, runtime files left out."""
+    items = []
+    for rel, st in _walk(root):
+        kind = _kind(rel, st)
+        if kind == KIND_BADNAME:
+            rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        items.append((rel, kind, st))
+    items.sort(key=lambda item: item[0])
+    return items
+
+
+def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sections=None,
+                   trusted=None, progress=None):
+    """Manifest entries [path, section, size, mtime_ns, kind, digest, lines], sorted by path.
+
+    `hash_sections`: sections whose files are hashed (default all); others get digest "".
+    `trusted`: {relpath: [inode, digest]} known-good digests of files this run just
+    verified or hard-linked, reused when the inode, size and mtime still match.
+    `progress(files, bytes)` is called after each hashed file.
+    """
+    scan_start = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
+    cache = HashCache(cache_dir or default_cache_dir(), root, algo) if use_cache else None
+    entries = []
+    to_hash = []
+    for rel, kind, st in scan(root):
+        section = classify(rel)
+        entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
+        entries.append(entry)
+        if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
+            continue
+        if section == EVENTS:
+            to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
+            continue
+        digest = cache.get(rel, st) if cache is not None else None
+        if digest is None and trusted:
+            known = trusted.get(rel)
+            if known and known[0] == st.st_ino:
+                digest = known[1]
+        if digest is not None:
+            entry[5] = digest
+            if cache is not None:
+                cache.put(rel, st, digest)
+        else:
+            to_hash.append((entry, st, True))
+
+    done = [0, 0]
+    lock = threading.Lock()
+
+    def work(job):
+        entry, st, cacheable = job
+        digest, nbytes, lines = hash_file(os.path.join(root, entry[0]), algo, count_lines=entry[1] == EVENTS)
+        entry[5] = digest
+        entry[6] = lines
+        if nbytes != st.st_size:
+            # Changed while we read it: report what we read; the caller's checks catch it.
+            entry[2] = nbytes
+            cacheable = False
+        racy = st.st_mtime_ns >= scan_start - RACY_WINDOW_NS
+        with lock:
+            if cache is not None and cacheable and not racy:
+                cache.put(entry[0], st, digest)
+            done[0] += 1
+            done[1] += nbytes
+            if progress is not None:
+                progress(done[0], done[1])
+
+    if to_hash:
+        if jobs <= 1 or len(to_hash) == 1:
+            for job in to_hash:
+                work(job)
+        else:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                for _ in pool.map(work, to_hash):
+                    pass
+    if cache is not None:
+        cache.save()
+    return entries
+
+
+# --- locks ---------------------------------------------------------------------------
+
+
+def _now():
+    return time.time()
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock(object):
+    """An O_EXCL lock file with holder info and a heartbeat, plus flock where supported.
+
+    Stale when its heartbeat (the file's mtime) is older than `timeout` seconds, or when
+    the holder is a dead process on this host. A stale lock is moved aside atomically
+    (only one breaker wins the rename) and taken over.
+    """
+
+    use_flock = True  # tests turn this off to behave like a filesystem without flock
+
+    def __init__(self, lock_dir, name, txid, timeout, purpose="sync"):
+        self.path = os.path.join(lock_dir, name + ".lock")
+        self.txid = txid
+        self.timeout = timeout
+        self.purpose = purpose
+        self.fd = None
+        self.broken = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def info(self):
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "user": _user(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "txid": self.txid,
+            "purpose": self.purpose,
+        }
+
+    def holder(self):
+        """(info dict or None, heartbeat age in seconds or None) of the current holder."""
+        try:
+            fd = open_nofollow(self.path)
+        except OSError:
+            return None, None
+        try:
+            st = os.fstat(fd)
+            data = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        try:
+            info = json.loads(data.decode("utf-8"))
+            if not isinstance(info, dict):
+                info = None
+        except ValueError:
+            info = None
+        return info, max(0.0, _now() - st.st_mtime)
+
+    def _try_create(self):
+        makedirs(os.path.dirname(self.path))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileExistsError:
+            return False
+        os.write(fd, json.dumps(self.info()).encode("utf-8"))
+        os.fsync(fd)
+        if self.use_flock:
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (ImportError, OSError):
+                pass  # Lustre/NFS without flock: O_EXCL and the heartbeat still hold
+        self.fd = fd
+        return True
+
+    def _holder_dead(self, info, age):
+        if age is None:
+            return False
+        if age > self.timeout:
+            return True
+        if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            if not _pid_alive(info["pid"]):
+                return True
+        if self.use_flock and age > 2:  # a fresh file may not have its flock yet
+            try:
+                import fcntl
+
+                fd = open_nofollow(self.path)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True  # nobody holds it: the holder died
+                except OSError as exc:
+                    return exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+                finally:
+                    os.close(fd)
+            except (ImportError, OSError):
+                return False
+        return False
+
+    def acquire(self, wait=0.0):
+        deadline = _now() + max(0.0, wait)
+        delay = 0.05
+        while True:
+            if self._try_create():
+                self._start_heartbeat()
+                return self
+            info, age = self.holder()
+            if info is not None or age is not None:
+                if self._holder_dead(info, age):
+                    aside = "%s.stale.%s" % (self.path, self.txid)
+                    try:
+                        os.rename(self.path, aside)
+                        os.unlink(aside)
+                        self.broken = {"holder": info, "age_seconds": round(age, 1)}
+                    except OSError:
+                        pass
+                    continue
+            if _now() >= deadline:
+                raise AgentError("locked", "locked by %s" % describe_holder(info), holder=info)
+            time.sleep(min(delay, max(0.0, deadline - _now())))
+            delay = min(delay * 2, 1.0)
+
+    def _start_heartbeat(self):
+        interval = max(0.5, min(30.0, self.timeout / 4.0))
+
+        def beat():
+            while not self._stop.wait(interval):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+
+        self._thread = threading.Thread(target=beat, name="usrsync-heartbeat")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def release(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        info, _ = self.holder()
+        if info is not None and info.get("txid") == self.txid:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def describe_holder(info):
+    if not info:
+        return "an unknown holder"
+    return "%s@%s pid %s since %s (txid %s)" % (
+        info.get("user"), info.get("host"), info.get("pid"), info.get("started"), info.get("txid"))
+
+
+def _user():
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry (containers): still lock
+        return str(os.getuid())
+
+
+# --- staging, verification, promotion ------------------------------------------------
+
+
+def state_dir(base_dir, *parts):
+    return os.path.join(expand(base_dir), STATE_DIR, *parts)
+
+
+def staging_path(base_dir, dataset, txid):
+    return state_dir(base_dir, "staging", "%s.%s" % (dataset_key(dataset), txid))
+
+
+def stage(base_dir, dataset, txid, link):
+    """Create an empty staging dir next to the live dataset, seeded with hard links.
+
+    `link` lists live files that are unchanged: they enter staging as hard links, so
+    only changed files need bytes on the wire and on disk.
+    """
+    live = dataset_dir(base_dir, dataset)
+    staging = staging_path(base_dir, dataset, txid)
+    makedirs(os.path.dirname(staging))
+    os.mkdir(staging, 0o755)
+    linked = 0
+    for rel in link:
+        reason = unsafe_path_reason(rel)
+        if reason:
+            raise AgentError("unsafe_path", "refusing to stage %r: %s" % (rel, reason))
+        src = os.path.join(live, *rel.split("/"))
+        st = os.lstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise AgentError("unsafe_path", "refusing to stage %r: not a regular file" % rel)
+        dst = os.path.join(staging, *rel.split("/"))
+        makedirs(os.path.dirname(dst))
+        os.link(src, dst, follow_symlinks=False)
+        linked += 1
+    return {"staging": staging, "linked": linked}
+
+
+def verify_tree(root, expected, reread, algo):
+    """Compare a tree with the manifest it must equal; reread the listed files' bytes.
+
+    `expected`: {relpath: [size, digest]} for every file the tree must hold (nothing else);
+    `reread`: relpaths whose bytes are read again and hashed (never from a cache).
+    Returns {"problems": [[relpath, reason]...] (empty when the tree is right), "checked",
+    "bytes" (files and bytes reread), "inodes": {relpath: inode}}.
+    """
+    problems = []
+    seen = set()
+    inodes = {}
+    for rel, kind, st in scan(root):
+        seen.add(rel)
+        inodes[rel] = st.st_ino
+        if kind != KIND_FILE:
+            problems.append([rel, "not a regular file (%s)" % kind])
+        elif rel not in expected:
+            problems.append([rel, "unexpected file"])
+        elif st.st_size != expected[rel][0]:
+            problems.append([rel, "size %d, expected %d" % (st.st_size, expected[rel][0])])
+    for rel in sorted(set(expected) - seen):
+        problems.append([rel, "missing"])
+    bad = set(p[0] for p in problems)
+    checked = 0
+    nbytes = 0
+    for rel in reread:
+        if rel in bad:
+            continue
+        digest, n, _ = hash_file(os.path.join(root, *rel.split("/")), algo)
+        checked += 1
+        nbytes += n
+        if digest != expected[rel][1]:
+            problems.append([rel, "content differs from the source manifest"])
+    problems.sort()
+    return {"problems": problems, "checked": checked, "bytes": nbytes, "inodes": inodes}
+
+
+RENAME_EXCHANGE = 2
+SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347, "i686": 353}
+AT_FDCWD = -100
+
+
+def _exchange_linux(a, b):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ea, eb = os.fsencode(a), os.fsencode(b)
+    func = getattr(libc, "renameat2", None)
+    if func is not None:
+        rc = func(AT_FDCWD, ea, AT_FDCWD, eb, RENAME_EXCHANGE)
+    else:  # glibc < 2.28 has the syscall but no wrapper
+        nr = SYS_RENAMEAT2.get(platform.machine())
+        if nr is None:
+            raise OSError(errno.ENOSYS, "renameat2 unavailable")
+        rc = libc.syscall(nr, AT_FDCWD, ea, AT_FDCWD, eb, RENAME_EXCHANGE)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _exchange_macos(a, b):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 0x2)  # RENAME_SWAP
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def exchange(a, b):
+    """Atomically swap two directories; raises OSError where the OS cannot."""
+    if sys.platform.startswith("linux"):
+        _exchange_linux(a, b)
+    elif sys.platform == "darwin":
+        _exchange_macos(a, b)
+    else:
+        raise OSError(errno.ENOSYS, "no atomic exchange on this platform")
+
+
+def journal_path(base_dir, dataset, txid):
+    return state_dir(base_dir, "journal", "%s.%s.json" % (dataset_key(dataset), txid))
+
+
+def promote(base_dir, dataset, txid):
+    """Make the staging dir the live dataset in one atomic step; remove the old tree.
+
+    A journal records the transaction first, so a crash at any point is repaired by
+    `recover()`: the live path always holds the old or the new tree.
+    """
+    live = dataset_dir(base_dir, dataset)
+    staging = staging_path(base_dir, dataset, txid)
+    backup = staging + ".old"
+    journal = journal_path(base_dir, dataset, txid)
+    record = {"live": live, "staging": staging, "backup": backup, "txid": txid}
+    atomic_write(journal, json.dumps(record).encode("utf-8"))
+    checkpoint("mid-promote")
+    if not os.path.lexists(live):
+        makedirs(os.path.dirname(live))
+        os.rename(staging, live)
+        method = "rename"
+    else:
+        try:
+            exchange(staging, live)
+            method = "exchange"
+        except OSError:
+            # Journaled rename pair: between the two renames the live path is absent,
+            # and recover() puts the backup back if we die there.
+            os.rename(live, backup)
+            os.rename(staging, live)
+            method = "rename-pair"
+    checkpoint("after-promote")
+    for leftover in (staging, backup):
+        if os.path.lexists(leftover):
+            remove_tree(leftover)
+    os.unlink(journal)
+    return {"method": method}
+
+
+def remove_tree(path):
+    def onerror(func, failed, exc_info):
+        # A read-only directory inside the old tree: make it writable and retry once.
+        try:
+            os.chmod(os.path.dirname(failed), 0o700)
+            func(failed)
+        except OSError:
+            pass
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, onerror=onerror)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def recover(base_dir, dataset):
+    """Repair what a crashed run of this dataset left: journals, staging dirs. Lock held."""
+    repaired = []
+    key = dataset_key(dataset) + "."
+    journal_dir = state_dir(base_dir, "journal")
+    for name in sorted(_listdir(journal_dir)):
+        if not name.startswith(key):
+            continue
+        path = os.path.join(journal_dir, name)
+        try:
+            with open(path, "rb") as handle:
+                record = json.loads(handle.read().decode("utf-8"))
+            live, backup = record["live"], record["backup"]
+        except (OSError, ValueError, KeyError, TypeError):
+            os.unlink(path)
+            continue
+        if live != dataset_dir(base_dir, dataset):
+            continue  # not ours: never follow paths from a file we did not expect
+        if not os.path.lexists(live) and os.path.isdir(backup):
+            os.rename(backup, live)  # died between the two renames of the fallback
+            repaired.append("restored live dataset from %s" % backup)
+        os.unlink(path)
+        repaired.append("removed journal %s" % name)
+    staging_dir = state_dir(base_dir, "staging")
+    for name in sorted(_listdir(staging_dir)):
+        if name.startswith(key):
+            remove_tree(os.path.join(staging_dir, name))
+            repaired.append("removed leftover staging %s" % name)
+    return repaired
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+# --- test hook: pause at a named phase so a test can kill us there -------------------
+
+
+def checkpoint(phase):
+    if os.environ.get("USRSYNC_PAUSE_AT") != phase:
+        return
+    marker = os.environ.get("USRSYNC_PAUSE_FILE")
+    if marker:
+        with open(marker, "w") as handle:
+            handle.write("%s %d\n" % (phase, os.getpid()))
+    time.sleep(float(os.environ.get("USRSYNC_PAUSE_SECONDS", "60")))
+
+
+# --- environment facts -----------------------------------------------------------------
+
+
+def rsync_version(rsync_path="rsync"):
+    try:
+        proc = subprocess.Popen([rsync_path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.decode("utf-8", "replace") if proc.returncode == 0 else None
+
+
+def parquet_shape(path):
+    """(rows, columns) of a parquet file through pyarrow, or None without pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+    meta = pq.ParquetFile(path).metadata
+    return [meta.num_rows, meta.num_columns]
+
+
+def has_pyarrow():
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def list_datasets(base_dir):
+    """Datasets (dirs holding records.parquet, two levels deep) with size and file count."""
+    base = expand(base_dir)
+    found = []
+    for top in sorted(_listdir(base)):
+        if top.startswith("."):
+            continue
+        candidates = [top] + ["%s/%s" % (top, sub) for sub in sorted(_listdir(os.path.join(base, top)))
+                              if not sub.startswith(".")]
+        for dataset in candidates:
+            root = os.path.join(base, *dataset.split("/"))
+            if not os.path.isfile(os.path.join(root, "records.parquet")):
+                continue
+            items = scan(root)
+            found.append({
+                "dataset": dataset,
+                "files": len(items),
+                "bytes": sum(st.st_size for _, _, st in items),
+                "last_change_ns": max([st.st_mtime_ns for _, _, st in items] or [0]),
+            })
+    return found
+
+
+# --- framing -------------------------------------------------------------------------
+
+
+def encode_frame(obj, compress=False):
+    body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    flags = 0
+    if compress:
+        body = zlib.compress(body, 1)
+        flags = FLAG_ZLIB
+    if len(body) > MAX_FRAME:
+        raise AgentError("frame_too_large", "frame of %d bytes exceeds the limit" % len(body))
+    return struct.pack(">IB", len(body), flags) + body
+
+
+def _read_exact(stream, n):
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def read_frame(stream):
+    header = _read_exact(stream, 5)
+    if header is None:
+        return None
+    size, flags = struct.unpack(">IB", header)
+    if size > MAX_FRAME:
+        raise AgentError("frame_too_large", "incoming frame of %d bytes exceeds the limit" % size)
+    body = _read_exact(stream, size)
+    if body is None:
+        return None
+    if flags & FLAG_ZLIB:
+        inflater = zlib.decompressobj()
+        body = inflater.decompress(body, MAX_FRAME_RAW)
+        if inflater.unconsumed_tail:
+            raise AgentError("frame_too_large", "frame inflates past the limit")
+    return json.loads(body.decode("utf-8"))
+
+
+# --- the agent's RPC server --------------------------------------------------------------
+
+
+class Agent(object):
+    def __init__(self, out):
+        self.out = out
+        self.locks = {}
+
+    def send(self, obj, compress=False):
+        self.out.write(encode_frame(obj, compress))
+        self.out.flush()
+
+    def call_hello(self, args):
+        rsync = rsync_version(args.get("rsync_path") or "rsync")
+        return {
+            "version": AGENT_VERSION,
+            "python": platform.python_version(),
+            "platform": sys.platform,
+            "hostname": socket.gethostname(),
+            "user": _user(),
+            "home": os.path.expanduser("~"),
+            "hash_algos": hash_algos(),
+            "rsync": rsync,
+            "pyarrow": has_pyarrow(),
+            "pid": os.getpid(),
+        }
+
+    def call_check_base(self, args):
+        base = expand(args["base_dir"])
+        exists = os.path.isdir(base)
+        return {
+            "base_dir": base,
+            "exists": exists,
+            "writable": exists and os.access(base, os.W_OK | os.X_OK),
+        }
+
+    def call_manifest(self, args, rid):
+        root = dataset_dir(args["base_dir"], args["dataset"])
+        base = expand(args["base_dir"])
+        if not os.path.isdir(base):
+            raise AgentError("base_dir_missing", "base_dir %s does not exist" % base)
+        exists = os.path.isdir(root)
+        entries = []
+        if exists:
+            hash_sections = args.get("hash_sections")
+            entries = build_manifest(
+                root, args["algo"], jobs=int(args.get("jobs", 2)),
+                use_cache=bool(args.get("cache", True)),
+                hash_sections=set(hash_sections) if hash_sections is not None else None,
+                trusted=args.get("trusted"),
+            )
+        for i in range(0, len(entries), CHUNK_ENTRIES):
+            self.send({"id": rid, "type": "chunk", "items": entries[i:i + CHUNK_ENTRIES]}, compress=True)
+        return {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
+
+    def call_events_lines(self, args, rid):
+        root = dataset_dir(args["base_dir"], args["dataset"])
+        digests, partial = line_digests(os.path.join(root, ".events.log"))
+        for i in range(0, len(digests), CHUNK_ENTRIES * 4):
+            self.send({"id": rid, "type": "chunk", "items": digests[i:i + CHUNK_ENTRIES * 4]}, compress=True)
+        return {"count": len(digests), "partial": partial}
+
+    def call_lock(self, args):
+        dataset = args["dataset"]
+        check_dataset_id(dataset)
+        lock = Lock(state_dir(args["base_dir"], "locks"), dataset_key(dataset), args["txid"],
+                    float(args.get("timeout", 300)), purpose=args.get("purpose", "sync"))
+        if args.get("no_flock"):
+            lock.use_flock = False
+        lock.acquire(float(args.get("wait", 0)))
+        self.locks[args["txid"]] = lock
+        return {"path": lock.path, "broken": lock.broken}
+
+    def call_unlock(self, args):
+        lock = self.locks.pop(args["txid"], None)
+        if lock is not None:
+            lock.release()
+        return {"released": lock is not None}
+
+    def call_heartbeat(self, args):
+        lock = self.locks.get(args["txid"])
+        if lock is None:
+            raise AgentError("not_locked", "no lock held for txid %s" % args["txid"])
+        os.utime(lock.path)
+        return {"ok": True}
+
+    def call_recover(self, args):
+        return {"repaired": recover(args["base_dir"], args["dataset"])}
+
+    def call_stage(self, args):
+        return stage(args["base_dir"], args["dataset"], args["txid"], args.get("link", []))
+
+    def call_verify(self, args):
+        if args.get("staging"):
+            root = staging_path(args["base_dir"], args["dataset"], args["txid"])
+        else:
+            root = dataset_dir(args["base_dir"], args["dataset"])
+        checkpoint("before-verify")
+        return verify_tree(root, args["expected"], args.get("reread", []), args["algo"])
+
+    def call_promote(self, args):
+        return promote(args["base_dir"], args["dataset"], args["txid"])
+
+    def call_cleanup(self, args):
+        staging = staging_path(args["base_dir"], args["dataset"], args["txid"])
+        existed = os.path.lexists(staging)
+        remove_tree(staging)
+        return {"removed": existed}
+
+    def call_parquet_shape(self, args):
+        root = dataset_dir(args["base_dir"], args["dataset"])
+        return {"shape": parquet_shape(os.path.join(root, "records.parquet"))}
+
+    def call_ls(self, args):
+        return {"datasets": list_datasets(args["base_dir"])}
+
+    def call_pause(self, args):
+        checkpoint(args["phase"])
+        return {}
+
+    STREAMING = ("manifest", "events_lines")
+
+    def handle(self, request):
+        rid = request.get("id") if isinstance(request, dict) else None
+        try:
+            if not isinstance(request, dict) or not isinstance(request.get("call"), str):
+                raise AgentError("bad_request", "malformed request")
+            name = request["call"]
+            method = getattr(self, "call_" + name, None)
+            if method is None:
+                raise AgentError("unknown_call", "unknown call %r" % name)
+            args = request.get("args") or {}
+            result = method(args, rid) if name in self.STREAMING else method(args)
+            self.send({"id": rid, "type": "result", "result": result})
+        except AgentError as exc:
+            self.send({"id": rid, "type": "error",
+                       "error": {"kind": exc.kind, "message": exc.message, "detail": exc.detail}})
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            self.send({"id": rid, "type": "error",
+                       "error": {"kind": type(exc).__name__, "message": str(exc), "detail": {}}})
+
+    def release_all(self):
+        for lock in list(self.locks.values()):
+            lock.release()
+        self.locks.clear()
+
+
+def serve(nonce):
+    out = sys.stdout.buffer
+    out.write(("%s %s %s\n" % (SENTINEL, AGENT_VERSION, nonce)).encode("ascii"))
+    out.flush()
+    agent = Agent(out)
+    stdin = sys.stdin.buffer
+    try:
+        while True:
+            try:
+                request = read_frame(stdin)
+            except AgentError as exc:
+                agent.send({"id": None, "type": "error", "error": {"kind": exc.kind, "message": exc.message,
+                                                                   "detail": {}}})
+                return 3
+            except ValueError:
+                agent.send({"id": None, "type": "error",
+                            "error": {"kind": "bad_request", "message": "undecodable frame", "detail": {}}})
+                return 3
+            if request is None:  # the session ended: leave nothing behind
+                return 0
+            agent.handle(request)
+    except BrokenPipeError:
+        return 0
+    finally:
+        agent.release_all()
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "serve":
+        return serve(argv[1])
+    sys.stderr.write("usage: usrsync_agent.py serve NONCE\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

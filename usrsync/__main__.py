@@ -1,0 +1,3 @@
+from usrsync.cli import main
+
+main()

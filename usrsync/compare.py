@@ -1,0 +1,155 @@
+"""Pure comparison of two manifests, section by section, by content."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from usrsync.dataset import AUXILIARY, DERIVED, EVENTS, PRIMARY, SECTIONS, SNAPSHOTS
+from usrsync.manifest import KIND_FILE, Entry, Manifest
+
+VerifyMode = Literal["hash", "size", "parquet"]
+Relation = Literal["equal", "local_ahead", "remote_ahead", "diverged"]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True):
+    verify: VerifyMode = "hash"
+    sidecars: bool = True
+    content_hashes: bool = True
+    primary_only: bool = False
+    skip_snapshots: bool = False
+
+    def in_scope(self, section: str) -> bool:
+        if self.primary_only:
+            return section == PRIMARY
+        return not (self.skip_snapshots and section == SNAPSHOTS)
+
+    def hashed_sections(self) -> set[str]:
+        """Sections whose files need content digests under this policy."""
+        sections = set(SECTIONS)
+        if not self.content_hashes:
+            sections -= {DERIVED, AUXILIARY}
+        if self.verify == "size":
+            sections.discard(PRIMARY)
+        return sections
+
+
+class EventsLines(msgspec.Struct, frozen=True):
+    """Short digests of the complete lines of one .events.log, and a trailing partial line."""
+
+    digests: list[str]
+    partial: bool
+
+
+class EventsState(msgspec.Struct, frozen=True):
+    relation: Relation
+    local_lines: int
+    remote_lines: int
+    common_lines: int
+    local_past_common: int
+    remote_past_common: int
+
+
+def events_relation(local: EventsLines, remote: EventsLines) -> EventsState:
+    """Fast-forward relation of two append-only logs, as complete-line byte prefixes."""
+    common = 0
+    for a, b in zip(local.digests, remote.digests):
+        if a != b:
+            break
+        common += 1
+    nl, nr = len(local.digests), len(remote.digests)
+    local_is_prefix = common == nl and not local.partial
+    remote_is_prefix = common == nr and not remote.partial
+    if local_is_prefix and remote_is_prefix:
+        relation: Relation = "equal"
+    elif local_is_prefix:
+        relation = "remote_ahead"
+    elif remote_is_prefix:
+        relation = "local_ahead"
+    else:  # includes equal complete lines with different partial tails
+        relation = "diverged"
+    return EventsState(
+        relation=relation, local_lines=nl, remote_lines=nr, common_lines=common,
+        local_past_common=nl - common + int(local.partial),
+        remote_past_common=nr - common + int(remote.partial),
+    )
+
+
+class SectionDelta(msgspec.Struct, kw_only=True):
+    """Paths (dataset-relative) of one section, sorted."""
+
+    section: str
+    local_files: int = 0
+    remote_files: int = 0
+    local_only: list[str] = []
+    remote_only: list[str] = []
+    differing: list[str] = []
+    same: list[str] = []
+    in_scope: bool = True
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.local_only or self.remote_only or self.differing)
+
+
+class Comparison(msgspec.Struct, kw_only=True):
+    sections: dict[str, SectionDelta]
+    local: dict[str, Entry]
+    remote: dict[str, Entry]
+    local_exists: bool
+    remote_exists: bool
+    events: EventsState | None = None
+    specials: list[str] = []  # symlinks, devices, bad names: reported, never transferred
+
+    @property
+    def changed(self) -> bool:
+        return any(d.changed for d in self.sections.values() if d.in_scope)
+
+    def changed_sections(self) -> list[str]:
+        return [s for s, d in self.sections.items() if d.in_scope and d.changed]
+
+
+def _same(a: Entry, b: Entry, policy: Policy, primary_shapes: tuple | None) -> bool:
+    if a.section == PRIMARY:
+        if policy.verify == "size":
+            return a.size == b.size
+        if policy.verify == "parquet" and primary_shapes is not None:
+            return primary_shapes[0] == primary_shapes[1]
+    if a.section in (DERIVED, AUXILIARY) and not policy.content_hashes:
+        return a.size == b.size and a.mtime_ns == b.mtime_ns
+    return a.size == b.size and a.digest == b.digest
+
+
+def compare(
+    local: Manifest,
+    remote: Manifest,
+    policy: Policy,
+    *,
+    events: EventsState | None = None,
+    primary_shapes: tuple | None = None,
+) -> Comparison:
+    """Per-section delta of two manifests: every file path lands in exactly one bucket."""
+    lmap = {e.path: e for e in local.entries if e.kind == KIND_FILE}
+    rmap = {e.path: e for e in remote.entries if e.kind == KIND_FILE}
+    specials = sorted({e.path for e in local.entries + remote.entries if e.kind != KIND_FILE})
+    sections = {s: SectionDelta(section=s, in_scope=policy.in_scope(s)) for s in SECTIONS}
+    for path in sorted(lmap.keys() | rmap.keys()):
+        a, b = lmap.get(path), rmap.get(path)
+        delta = sections[(a or b).section]
+        if a is not None:
+            delta.local_files += 1
+        if b is not None:
+            delta.remote_files += 1
+        if b is None:
+            delta.local_only.append(path)
+        elif a is None:
+            delta.remote_only.append(path)
+        elif _same(a, b, policy, primary_shapes):
+            delta.same.append(path)
+        else:
+            delta.differing.append(path)
+    return Comparison(
+        sections=sections, local=lmap, remote=rmap, local_exists=local.exists,
+        remote_exists=remote.exists, events=events, specials=specials,
+    )

@@ -1,0 +1,154 @@
+"""The orchestrator's side of the agent protocol: sentinel, frames, typed replies."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import zlib
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from remote_agent import usrsync_agent as engine
+from usrsync.errors import ProtocolError, RemoteError
+
+HEADER = struct.Struct(">IB")
+MAX_FRAME = engine.MAX_FRAME
+MAX_FRAME_RAW = engine.MAX_FRAME_RAW
+MAX_BANNER = 1 << 20  # login banners before the sentinel
+T = TypeVar("T")
+
+
+class ErrorBody(msgspec.Struct):
+    kind: str
+    message: str
+    detail: dict[str, Any] = {}
+
+
+class Frame(msgspec.Struct):
+    id: int | None
+    type: Literal["chunk", "result", "error"]
+    items: list[Any] | None = None
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class AgentCallError(RemoteError):
+    """The agent ran the call and reported an expected failure (`kind` says which)."""
+
+    def __init__(self, call: str, body: ErrorBody):
+        super().__init__(f"remote agent: {call} failed: {body.message}",
+                         "run `usr remotes doctor --remote NAME` to check the remote")
+        self.agent_kind = body.kind
+        self.detail = body.detail
+        self.agent_message = body.message
+
+
+def encode_request(rid: int, call: str, args: dict[str, Any]) -> bytes:
+    body = msgspec.json.encode({"id": rid, "call": call, "args": args})
+    return HEADER.pack(len(body), 0) + body
+
+
+def decode_body(header: bytes, body: bytes) -> Frame:
+    _, flags = HEADER.unpack(header)
+    if flags & ~engine.FLAG_ZLIB:
+        raise ProtocolError("the remote agent sent a frame with unknown flags",
+                            "the agent and this usrsync disagree; rerun to redeploy the agent")
+    if flags & engine.FLAG_ZLIB:
+        inflater = zlib.decompressobj()
+        try:
+            body = inflater.decompress(body, MAX_FRAME_RAW)
+        except zlib.error as exc:
+            raise ProtocolError(f"the remote agent sent a corrupt compressed frame ({exc})",
+                                "rerun; if it persists, check the remote with `usr remotes doctor`") from None
+        if inflater.unconsumed_tail:
+            raise ProtocolError("the remote agent sent a frame that inflates past the limit",
+                                "the remote is misbehaving; inspect it before syncing again")
+    try:
+        return msgspec.json.decode(body, type=Frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"the remote agent sent a malformed frame ({exc})",
+                            "rerun; if it persists, check the remote with `usr remotes doctor`") from None
+
+
+async def read_frame(reader: Any) -> Frame:
+    try:
+        header = await reader.readexactly(HEADER.size)
+        size, _ = HEADER.unpack(header)
+        if size > MAX_FRAME:
+            raise ProtocolError(f"the remote agent announced a {size}-byte frame, over the limit",
+                                "the remote is misbehaving; inspect it before syncing again")
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise RemoteError("the remote agent closed the connection mid-reply",
+                          "rerun; if it persists, check the remote with `usr remotes doctor`") from None
+    return decode_body(header, body)
+
+
+async def await_sentinel(reader: Any, nonce: str) -> str:
+    """Skip login-shell noise until `USRSYNC-AGENT <version> <nonce>`; return the version."""
+    seen = 0
+    while seen <= MAX_BANNER:
+        line = await reader.readline()
+        if not line:
+            raise RemoteError("the remote agent exited before it started",
+                              "run `usr remotes doctor --remote NAME` to see why")
+        seen += len(line)
+        parts = line.decode("utf-8", "replace").split()
+        if len(parts) == 3 and parts[0] == engine.SENTINEL and parts[2] == nonce:
+            return parts[1]
+    raise ProtocolError("the remote printed over 1 MiB without starting the agent",
+                        "check the remote login shell's startup files for endless output")
+
+
+class AgentClient:
+    """Sequential calls to one agent over a byte stream pair (SSH channel or pipes)."""
+
+    def __init__(self, reader: Any, writer: Any, *, timeout: float | None = None):
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+
+    async def call(self, name: str, args: dict[str, Any], result_type: type[T],
+                   chunk_type: Any = None) -> tuple[T, list[Any]]:
+        async with self._lock:
+            return await asyncio.wait_for(self._call(name, args, result_type, chunk_type), self.timeout)
+
+    async def _call(self, name, args, result_type, chunk_type):
+        rid = next(self._ids)
+        self.writer.write(encode_request(rid, name, args))
+        await _drain(self.writer)
+        items: list[Any] = []
+        while True:
+            frame = await read_frame(self.reader)
+            if frame.id != rid:
+                if frame.type == "error" and frame.error is not None and frame.id is None:
+                    raise AgentCallError(name, frame.error)
+                raise ProtocolError(f"the remote agent answered call {frame.id}, expected {rid}",
+                                    "rerun; if it persists, check the remote with `usr remotes doctor`")
+            if frame.type == "chunk":
+                if chunk_type is None or frame.items is None:
+                    raise ProtocolError(f"the remote agent streamed data for {name}",
+                                        "rerun to redeploy the agent")
+                try:
+                    items.extend(msgspec.convert(frame.items, list[chunk_type]))
+                except msgspec.ValidationError as exc:
+                    raise ProtocolError(f"the remote agent sent a malformed {name} entry ({exc})",
+                                        "the remote is misbehaving; inspect it before syncing again") from None
+                continue
+            if frame.type == "error":
+                raise AgentCallError(name, frame.error or ErrorBody(kind="unknown", message="unknown error"))
+            try:
+                return msgspec.convert(frame.result, result_type), items
+            except msgspec.ValidationError as exc:
+                raise ProtocolError(f"the remote agent sent a malformed {name} reply ({exc})",
+                                    "rerun to redeploy the agent") from None
+
+
+async def _drain(writer: Any) -> None:
+    drain = getattr(writer, "drain", None)
+    if drain is not None:
+        await drain()

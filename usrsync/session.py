@@ -1,0 +1,195 @@
+"""One remote session: connect, start the agent, typed calls, close."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+
+from usrsync.compare import EventsLines
+from usrsync.config import Remote
+from usrsync.errors import ConfigError, LockedError, RemoteError
+from usrsync.manifest import Entry, Manifest, validate_remote_entries
+from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
+from usrsync.transport import transport_for
+from usrsync.transport.base import Transport
+
+CALL_TIMEOUT = 6 * 3600  # a manifest of a huge tree may take hours; a dead peer is caught by keepalives
+
+
+class Hello(msgspec.Struct):
+    version: str
+    python: str
+    platform: str
+    hostname: str
+    user: str
+    home: str
+    hash_algos: list[str]
+    rsync: str | None
+    pyarrow: bool
+    pid: int
+
+
+class BaseInfo(msgspec.Struct):
+    base_dir: str
+    exists: bool
+    writable: bool
+
+
+class ManifestReply(msgspec.Struct):
+    exists: bool
+    count: int
+    algo: str
+    root: str
+
+
+class LinesReply(msgspec.Struct):
+    count: int
+    partial: bool
+
+
+class LockReply(msgspec.Struct):
+    path: str
+    broken: dict[str, Any] | None = None
+
+
+class StageReply(msgspec.Struct):
+    staging: str
+    linked: int
+
+
+class VerifyReply(msgspec.Struct):
+    problems: list[tuple[str, str]]
+    checked: int
+    bytes: int
+    inodes: dict[str, int]
+
+
+class PromoteReply(msgspec.Struct):
+    method: str
+
+
+class RecoverReply(msgspec.Struct):
+    repaired: list[str]
+
+
+class ShapeReply(msgspec.Struct):
+    shape: list[int] | None
+
+
+class DatasetListing(msgspec.Struct):
+    dataset: str
+    files: int
+    bytes: int
+    last_change_ns: int
+
+
+class LsReply(msgspec.Struct):
+    datasets: list[DatasetListing]
+
+
+class RemoteSession:
+    """The agent on the remote side, reached through a transport."""
+
+    def __init__(self, remote: Remote, transport: Transport, client: AgentClient, hello: Hello, base: BaseInfo):
+        self.remote = remote
+        self.transport = transport
+        self.client = client
+        self.hello = hello
+        self.base = base
+
+    @classmethod
+    async def open(cls, remote: Remote, *, require_base: bool = True) -> RemoteSession:
+        transport = transport_for(remote)
+        try:
+            await transport.connect()
+            nonce = secrets.token_hex(16)
+            reader, writer = await transport.start_agent(nonce)
+            if remote.is_local:
+                await await_sentinel(reader, nonce)
+            client = AgentClient(reader, writer, timeout=CALL_TIMEOUT)
+            hello, _ = await client.call("hello", {"rsync_path": remote.profile.rsync_path}, Hello)
+            base, _ = await client.call("check_base", {"base_dir": remote.profile.base_dir}, BaseInfo)
+        except BaseException:
+            await transport.close()
+            raise
+        session = cls(remote, transport, client, hello, base)
+        if require_base and not base.exists:
+            await session.close()
+            raise ConfigError(
+                f"remote {remote.name!r}: base_dir {base.base_dir} does not exist on {remote.display_host}",
+                f"create it there (mkdir -p {base.base_dir}) or fix base_dir with `usr remotes add {remote.name} "
+                "... --replace`",
+            )
+        return session
+
+    def _args(self, dataset: str, **extra: Any) -> dict[str, Any]:
+        return {"base_dir": self.base.base_dir, "dataset": dataset, **extra}
+
+    async def manifest(self, dataset: str, algo: str, *, jobs: int, use_cache: bool,
+                       hash_sections: set[str] | None = None, trusted: dict[str, list] | None = None) -> Manifest:
+        args = self._args(dataset, algo=algo, jobs=jobs, cache=use_cache,
+                          hash_sections=sorted(hash_sections) if hash_sections is not None else None,
+                          trusted=trusted)
+        reply, entries = await self.client.call("manifest", args, ManifestReply, Entry)
+        if reply.count != len(entries) or reply.algo != algo:
+            raise RemoteError("the remote manifest is incomplete", "rerun the command")
+        validate_remote_entries(entries)
+        return Manifest(exists=reply.exists, algo=algo, entries=entries)
+
+    async def events_lines(self, dataset: str) -> EventsLines:
+        reply, digests = await self.client.call("events_lines", self._args(dataset), LinesReply, str)
+        return EventsLines(digests=digests, partial=reply.partial)
+
+    async def lock(self, dataset: str, txid: str, *, timeout: float, wait: float) -> LockReply:
+        try:
+            reply, _ = await self.client.call("lock", self._args(dataset, txid=txid, timeout=timeout, wait=wait),
+                                              LockReply)
+        except AgentCallError as exc:
+            if exc.agent_kind == "locked":
+                raise LockedError(
+                    f"dataset {dataset!r} on remote {self.remote.name!r} is {exc.agent_message}",
+                    "wait for that sync to finish or pass --wait SECONDS; a dead holder's lock "
+                    f"expires after lock_timeout ({timeout:g} s)",
+                ) from None
+            raise
+        return reply
+
+    async def unlock(self, txid: str) -> None:
+        await self.client.call("unlock", {"txid": txid}, dict)
+
+    async def recover(self, dataset: str) -> list[str]:
+        reply, _ = await self.client.call("recover", self._args(dataset), RecoverReply)
+        return reply.repaired
+
+    async def stage(self, dataset: str, txid: str, link: list[str]) -> StageReply:
+        reply, _ = await self.client.call("stage", self._args(dataset, txid=txid, link=link), StageReply)
+        return reply
+
+    async def verify(self, dataset: str, txid: str, *, expected: dict[str, Any], reread: list[str], algo: str,
+                     staging: bool) -> VerifyReply:
+        args = self._args(dataset, txid=txid, expected=expected, reread=reread, algo=algo, staging=staging)
+        reply, _ = await self.client.call("verify", args, VerifyReply)
+        return reply
+
+    async def promote(self, dataset: str, txid: str) -> str:
+        reply, _ = await self.client.call("promote", self._args(dataset, txid=txid), PromoteReply)
+        return reply.method
+
+    async def cleanup(self, dataset: str, txid: str) -> None:
+        await self.client.call("cleanup", self._args(dataset, txid=txid), dict)
+
+    async def parquet_shape(self, dataset: str) -> list[int] | None:
+        reply, _ = await self.client.call("parquet_shape", self._args(dataset), ShapeReply)
+        return reply.shape
+
+    async def ls(self) -> list[DatasetListing]:
+        reply, _ = await self.client.call("ls", {"base_dir": self.base.base_dir}, LsReply)
+        return reply.datasets
+
+    def dataset_path(self, dataset: str) -> str:
+        return "/".join([self.base.base_dir.rstrip("/"), dataset])
+
+    async def close(self) -> None:
+        await self.transport.close()

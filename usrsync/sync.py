@@ -1,0 +1,426 @@
+"""diff / pull / push: the state machines that turn manifests into a verified, promoted dataset.
+
+Every run ends in an audit document, also on failure. The live dataset is only ever touched
+by an atomic promotion of a fully verified staging tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import asyncssh
+import msgspec
+import structlog
+
+from remote_agent import usrsync_agent as engine
+from usrsync import audit, rsync
+from usrsync.compare import Comparison, EventsLines, EventsState, Policy, compare, events_relation
+from usrsync.config import Remote
+from usrsync.dataset import EVENTS, local_dataset_dir
+from usrsync.errors import (
+    EXIT_INTERRUPTED,
+    InterruptedByUser,
+    RemoteError,
+    TransferError,
+    UsrError,
+    VerificationError,
+)
+from usrsync.manifest import Manifest, local_manifest
+from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
+from usrsync.locks import DatasetWriteLock, acquire_local_lock
+from usrsync.session import RemoteSession, VerifyReply
+
+log = structlog.get_logger("usrsync")
+Action = Literal["diff", "pull", "push"]
+
+
+class SyncOptions(msgspec.Struct, kw_only=True):
+    verify: Literal["hash", "auto", "size", "parquet"] = "hash"
+    sidecars: bool = True
+    content_hashes: bool = True
+    primary_only: bool = False
+    skip_snapshots: bool = False
+    dry_run: bool = False
+    jobs: int = 2
+    wait: float = 0.0
+    max_delete: MaxDelete = MaxDelete(percent=50.0)
+    use_cache: bool = True
+
+
+class Hooks(msgspec.Struct, kw_only=True):
+    """How the run talks to the person at the terminal (the CLI fills these in)."""
+
+    confirm: Callable[[audit.AuditData, TransferPlan], bool] | None = None
+    hash_progress: Callable[[str, int, int], None] | None = None
+    transfer_progress: Callable[[int, int, int], None] | None = None
+
+
+def new_txid() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+def resolve_policy(options: SyncOptions, hello_pyarrow: bool) -> tuple[Policy, list[str]]:
+    notes: list[str] = []
+    verify = options.verify
+    if verify == "auto":
+        verify = "hash"
+        notes.append("--verify auto resolved to hash: content digests are available on both ends")
+    if verify == "parquet" and not (engine.has_pyarrow() and hello_pyarrow):
+        missing = "this machine" if not engine.has_pyarrow() else "the remote"
+        raise UsrError(f"--verify parquet needs pyarrow on both ends; {missing} has none",
+                       "use --verify hash (content digests, the default) or install pyarrow")
+    policy = Policy(verify=verify, sidecars=options.sidecars, content_hashes=options.content_hashes,
+                    primary_only=options.primary_only, skip_snapshots=options.skip_snapshots)
+    return policy, notes
+
+
+class Run:
+    """One diff, pull or push of one dataset against one remote."""
+
+    def __init__(self, action: Action, dataset: str, remote: Remote, root: Path, options: SyncOptions,
+                 hooks: Hooks | None = None):
+        self.action = action
+        self.dataset = dataset
+        self.remote = remote
+        self.root = root
+        self.options = options
+        self.hooks = hooks or Hooks()
+        self.txid = new_txid()
+        self.local_dir = local_dataset_dir(root, dataset)
+        self.session: RemoteSession | None = None
+        self.local_lock: engine.Lock | None = None
+        self.remote_locked = False
+        self.algo = "sha256"
+        self.log = log.bind(action=action, dataset=dataset, remote=remote.name, txid=self.txid)
+        profile = remote.profile
+        self.data = audit.AuditData(
+            action=action, transfer_state="FAILED", dataset=dataset, txid=self.txid,
+            remote=audit.RemoteInfo(name=remote.name, host=profile.host or "localhost", base_dir=profile.base_dir,
+                                    type=profile.type, transport="local" if remote.is_local else profile.transport),
+            verify=audit.VerifyInfo(primary=options.verify, sidecars="strict" if options.sidecars else "off",
+                                    content_hashes="on" if options.content_hashes else "off", hash_algo=""),
+            started_at=audit.utc_now(),
+        )
+
+    # --- the run -------------------------------------------------------------------------
+
+    async def execute(self) -> tuple[audit.AuditDocument, int]:
+        exit_code = 0
+        try:
+            exit_code = await self._run()
+        except UsrError as exc:
+            exit_code = self._fail(exc.kind, exc.message, exc.hint, exc.exit_code)
+        except (asyncssh.Error, ConnectionError, asyncio.IncompleteReadError) as exc:
+            exit_code = self._fail("remote", f"the connection to {self.remote.display_host} was lost ({exc})",
+                                   "rerun the same command: nothing was promoted half-way", RemoteError.exit_code)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            exit_code = self._fail("interrupted", "interrupted", "rerun the same command to finish the sync",
+                                   EXIT_INTERRUPTED)
+        finally:
+            await self._release()
+        self.data.finished_at = audit.utc_now()
+        return audit.AuditDocument(usr_output_version=audit.OUTPUT_VERSION, data=self.data), exit_code
+
+    def _fail(self, kind: str, message: str, hint: str | None, code: int) -> int:
+        self.data.transfer_state = "FAILED"
+        self.data.error = audit.ErrorReport(kind=kind, message=message, hint=hint, exit_code=code)
+        self.log.error("failed", kind=kind, message=message)
+        return code
+
+    async def _run(self) -> int:
+        self.log.info("connecting", host=self.remote.display_host)
+        self.session = await RemoteSession.open(self.remote)
+        hello = self.session.hello
+        self.algo = "xxh3_128" if "xxh3_128" in hello.hash_algos and engine.xxhash is not None else "sha256"
+        policy, notes = resolve_policy(self.options, hello.pyarrow)
+        self.data.verify = audit.verify_info(policy, self.algo, notes)
+        self.data.agent = audit.AgentInfo(version=hello.version, python=hello.python, hash_algo=self.algo,
+                                          hostname=hello.hostname, rsync=(hello.rsync or "").split("\n")[0] or None)
+        transferring = self.action != "diff" and not self.options.dry_run
+        if transferring:
+            await self._lock_both()
+
+        local, remote = await self._manifests(policy)
+        events = await self._events_state(local, remote) if policy.in_scope(EVENTS) else None
+        shapes = await self._shapes() if policy.verify == "parquet" else None
+        cmp = compare(local, remote, policy, events=events, primary_shapes=shapes)
+        audit.fill_sections(self.data, cmp, shapes)
+        if cmp.specials:
+            self.data.warnings.append(f"{len(cmp.specials)} symlinks or special files are not transferred")
+        self.log.info("compared", changed=cmp.changed_sections())
+
+        if self.action == "diff":
+            self.data.transfer_state = "DIFF-ONLY"
+            self.data.post = audit.PostReport(verified=False, in_sync=not cmp.changed)
+            return 0
+        plan = plan_transfer(cmp, self.action, policy, self.options.max_delete)
+        self.data.transfer = audit.TransferReport(files=len(plan.copy), bytes=plan.bytes, deleted=len(plan.delete),
+                                                  linked=len(plan.link))
+        if plan.noop:
+            self.data.transfer_state = "NO-OP"
+            self.data.post = audit.PostReport(verified=True, in_sync=True)
+            return 0
+        if self.options.dry_run:
+            self.data.transfer_state = "DRY-RUN"
+            return 0
+        if self.hooks.confirm is not None and not self.hooks.confirm(self.data, plan):
+            raise InterruptedByUser(f"{self.action} declined; nothing was changed",
+                                    "rerun with -y to skip the question")
+        started = time.monotonic()
+        if self.action == "pull":
+            await self._pull(plan, cmp, policy, remote)
+        else:
+            await self._push(plan, cmp, policy, local)
+        self.data.transfer.seconds = round(time.monotonic() - started, 3)
+        self.data.transfer_state = "TRANSFERRED"
+        return 0
+
+    # --- locks -----------------------------------------------------------------------------
+
+    async def _lock_both(self) -> None:
+        assert self.session is not None
+        timeout = self.remote.profile.lock_timeout
+        started = time.monotonic()
+        lock = await asyncio.to_thread(acquire_local_lock, self.root, self.dataset, self.txid, timeout,
+                                       self.options.wait)
+        self.local_lock = lock
+        if lock.broken:
+            self.data.lock.broken_stale.append({"side": "local", **lock.broken})
+        remaining = max(0.0, self.options.wait - (time.monotonic() - started))
+        reply = await self.session.lock(self.dataset, self.txid, timeout=timeout, wait=remaining)
+        self.remote_locked = True
+        if reply.broken:
+            self.data.lock.broken_stale.append({"side": "remote", **reply.broken})
+        self.data.lock.waited_seconds = round(time.monotonic() - started, 3)
+        # Leftovers of a crashed run of this dataset (staging, journal) are ours to repair now.
+        repaired = await asyncio.to_thread(engine.recover, str(self.root), self.dataset)
+        repaired += await self.session.recover(self.dataset)
+        if repaired:
+            self.data.warnings.extend(f"recovered: {r}" for r in repaired)
+
+    async def _release(self) -> None:
+        session = self.session
+        if session is not None:
+            try:
+                if self.remote_locked:
+                    await asyncio.wait_for(session.unlock(self.txid), 30)
+            except (UsrError, asyncssh.Error, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                pass  # the agent drops its lock when the session ends anyway
+            try:
+                await asyncio.wait_for(session.close(), 30)
+            except (asyncssh.Error, OSError, asyncio.TimeoutError):
+                pass
+        if self.local_lock is not None:
+            self.local_lock.release()
+
+    # --- manifests ---------------------------------------------------------------------------
+
+    def _hash_progress(self, side: str):
+        hook = self.hooks.hash_progress
+        return (lambda files, nbytes: hook(side, files, nbytes)) if hook else None
+
+    async def _local_manifest(self, policy: Policy, trusted: dict[str, list] | None = None) -> Manifest:
+        return await asyncio.to_thread(
+            local_manifest, self.local_dir, self.algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
+            hash_sections=policy.hashed_sections(), trusted=trusted, progress=self._hash_progress("local"),
+        )
+
+    async def _remote_manifest(self, policy: Policy, trusted: dict[str, list] | None = None) -> Manifest:
+        assert self.session is not None
+        return await self.session.manifest(self.dataset, self.algo, jobs=self.options.jobs,
+                                           use_cache=self.options.use_cache, hash_sections=policy.hashed_sections(),
+                                           trusted=trusted)
+
+    async def _manifests(self, policy: Policy) -> tuple[Manifest, Manifest]:
+        started = time.monotonic()
+        local, remote = await asyncio.gather(self._local_manifest(policy), self._remote_manifest(policy))
+        self.log.info("manifests", local_files=len(local.entries), remote_files=len(remote.entries),
+                      seconds=round(time.monotonic() - started, 3))
+        return local, remote
+
+    async def _events_state(self, local: Manifest, remote: Manifest) -> EventsState | None:
+        assert self.session is not None
+        lev, rev = local.by_path().get(EVENTS), remote.by_path().get(EVENTS)
+        if lev is None and rev is None:
+            return None
+        if lev is not None and rev is not None and lev.digest == rev.digest and lev.size == rev.size:
+            lines = lev.lines or 0
+            return EventsState(relation="equal", local_lines=lines, remote_lines=lines, common_lines=lines,
+                               local_past_common=0, remote_past_common=0)
+        digests, partial = (await asyncio.to_thread(engine.line_digests, str(self.local_dir / EVENTS)))
+        local_lines = EventsLines(digests=digests, partial=partial)
+        remote_lines = await self.session.events_lines(self.dataset) if rev is not None \
+            else EventsLines(digests=[], partial=False)
+        return events_relation(local_lines, remote_lines)
+
+    async def _shapes(self) -> tuple:
+        assert self.session is not None
+        path = self.local_dir / "records.parquet"
+        local = await asyncio.to_thread(engine.parquet_shape, str(path)) if path.is_file() else None
+        return local, await self.session.parquet_shape(self.dataset)
+
+    # --- transfers --------------------------------------------------------------------------
+
+    def _files_from(self, plan: TransferPlan) -> Path:
+        directory = self.root / engine.STATE_DIR / "tmp"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{engine.dataset_key(self.dataset)}.{self.txid}.files"
+        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in plan.copy))
+        return path
+
+    async def _rsync(self, plan: TransferPlan, source: str, dest: str, basis: str | None) -> None:
+        assert self.session is not None
+        transport = self.session.transport
+        local_info = await asyncio.to_thread(rsync.local_rsync_info)
+        remote_text = self.session.hello.rsync
+        if not remote_text:
+            raise RemoteError(f"rsync was not found on {self.remote.display_host}",
+                              f"install rsync there, or set rsync_path of remote {self.remote.name!r}")
+        remote_info = local_info if self.remote.is_local else rsync.parse_version(remote_text)
+        for info in {local_info, remote_info}:
+            warning = rsync.security_warning(info)
+            if warning and warning not in self.data.warnings:
+                self.data.warnings.append(warning)
+        files_from = self._files_from(plan)
+        try:
+            await transport.prepare_rsync()
+            argv = rsync.build_argv(local=local_info, remote=remote_info, source=source, dest=dest,
+                                    files_from=files_from, rsh=transport.rsync_rsh(),
+                                    rsync_path=transport.rsync_path(), basis_dir=basis)
+            moved = [0, 0]
+
+            def on_change(change: rsync.ItemizedChange) -> None:
+                if change.transferred:
+                    moved[0] += 1
+                    moved[1] += change.size
+                    if self.hooks.transfer_progress:
+                        self.hooks.transfer_progress(moved[0], moved[1], plan.bytes)
+
+            self.log.info("rsync", files=len(plan.copy), bytes=plan.bytes)
+            result = await transport.run_rsync(argv, on_change=on_change)
+        finally:
+            files_from.unlink(missing_ok=True)
+        self.data.transfer.rsync_exit = result.exit_code
+        if result.exit_code != 0:
+            tail = result.stderr_tail.strip().splitlines()
+            raise TransferError(
+                f"rsync failed with exit {result.exit_code} ({rsync.explain_exit(result.exit_code)})"
+                + (f": {tail[-1]}" if tail else ""),
+                "nothing was promoted; rerun the same command (use -v for rsync's messages)",
+            )
+        self.data.transfer.files = result.files
+        self.data.transfer.bytes = result.bytes
+
+    def _check_verified(self, reply_problems: list, where: str) -> None:
+        if reply_problems:
+            shown = "; ".join(f"{p}: {why}" for p, why in reply_problems[:3])
+            more = f" (and {len(reply_problems) - 3} more)" if len(reply_problems) > 3 else ""
+            raise VerificationError(f"{where} does not match the source manifest: {shown}{more}",
+                                    "nothing was promoted; rerun the same command")
+
+    async def _source_unchanged(self, policy: Policy, before: Manifest, side: str) -> None:
+        """The source must not have changed while we copied it, or staging is a torn snapshot."""
+        after = await (self._remote_manifest(policy) if side == "remote" else self._local_manifest(policy))
+        if _in_scope_files(after, policy) != _in_scope_files(before, policy):
+            raise VerificationError(f"the {side} dataset changed during the transfer",
+                                    "nothing was promoted; rerun when the writer on that side has finished")
+
+    async def _pull(self, plan: TransferPlan, cmp: Comparison, policy: Policy, remote: Manifest) -> None:
+        assert self.session is not None
+        root = str(self.root)
+        staged = await asyncio.to_thread(engine.stage, root, self.dataset, self.txid, plan.link)
+        staging = staged["staging"]
+        promoted = False
+        try:
+            engine.checkpoint("after-stage")
+            if plan.copy:
+                live = self.session.dataset_path(self.dataset)
+                basis = str(self.local_dir) if self.local_dir.is_dir() else None
+                await self._rsync(plan, self.session.transport.rsync_endpoint(live + "/"), staging + "/", basis)
+            engine.checkpoint("after-rsync")
+            expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
+            result = await asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo)
+            self._check_verified(result.problems, "the staged copy")
+            await self._source_unchanged(policy, remote, "remote")
+            engine.checkpoint("after-verify")
+            method = await asyncio.to_thread(promote_local, self.root, self.dataset, self.txid, self.options.wait)
+            promoted = True
+            self.data.transfer.promote = method
+            self.log.info("promoted", method=method)
+            check = await asyncio.to_thread(verify_local, str(self.local_dir), expected, [], self.algo)
+            post = await self._local_manifest(policy, _trusted(check, expected))
+            self._post(policy, post, remote, result, check.problems)
+        finally:
+            if not promoted:
+                await asyncio.to_thread(engine.remove_tree, staging)
+
+    async def _push(self, plan: TransferPlan, cmp: Comparison, policy: Policy, local: Manifest) -> None:
+        session = self.session
+        assert session is not None
+        staged = await session.stage(self.dataset, self.txid, plan.link)
+        promoted = False
+        try:
+            if plan.copy:
+                live = session.dataset_path(self.dataset)
+                remote_live_exists = cmp.remote_exists
+                await self._rsync(plan, str(self.local_dir) + "/",
+                                  session.transport.rsync_endpoint(staged.staging + "/"),
+                                  live if remote_live_exists else None)
+            expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
+            result = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
+                                          algo=self.algo, staging=True)
+            self._check_verified(result.problems, "the remote staged copy")
+            await self._source_unchanged(policy, local, "local")
+            method = await session.promote(self.dataset, self.txid)
+            promoted = True
+            self.data.transfer.promote = method
+            self.log.info("promoted", method=method)
+            # Re-verify the promoted live tree: reread what moved, check every path and size.
+            check = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
+                                         algo=self.algo, staging=False)
+            post = await self._remote_manifest(policy, _trusted(check, expected))
+            self._post(policy, post, local, check, check.problems)
+        finally:
+            if not promoted:
+                try:
+                    await session.cleanup(self.dataset, self.txid)
+                except (UsrError, asyncssh.Error, OSError, asyncio.IncompleteReadError):
+                    pass  # the next run's recover() removes it
+
+    def _post(self, policy: Policy, dest_after: Manifest, source: Manifest, reread: VerifyReply,
+              live_problems: list) -> None:
+        in_sync = _in_scope_files(dest_after, policy) == _in_scope_files(source, policy) and not live_problems
+        self.data.post = audit.PostReport(verified=not live_problems, in_sync=in_sync, checked_files=reread.checked,
+                                          checked_bytes=reread.bytes,
+                                          problems=[f"{p}: {why}" for p, why in live_problems])
+        if not in_sync:
+            raise VerificationError("after promotion the destination does not equal the source manifest",
+                                    "rerun the same command; if it persists, something else writes there")
+
+
+def _in_scope_files(manifest: Manifest, policy: Policy) -> set[tuple[str, int, str]]:
+    return {(e.path, e.size, e.digest) for e in manifest.files() if policy.in_scope(e.section)}
+
+
+def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: str) -> VerifyReply:
+    return msgspec.convert(engine.verify_tree(root, expected, reread, algo), VerifyReply)
+
+
+def _trusted(check: VerifyReply, expected: dict[str, list]) -> dict[str, list]:
+    """Digests just proven for these inodes: the post-run manifest need not reread them."""
+    return {p: [ino, expected[p][1]] for p, ino in check.inodes.items() if p in expected and expected[p][1]}
+
+
+def promote_local(root: Path, dataset: str, txid: str, wait: float) -> str:
+    with DatasetWriteLock(local_dataset_dir(root, dataset), wait):
+        return engine.promote(str(root), dataset, txid)["method"]
+
+
+async def run(action: Action, dataset: str, remote: Remote, root: Path, options: SyncOptions,
+              hooks: Hooks | None = None) -> tuple[audit.AuditDocument, int]:
+    return await Run(action, dataset, remote, root, options, hooks).execute()
