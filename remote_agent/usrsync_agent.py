@@ -909,6 +909,9 @@ class Agent(object):
         self.out.flush()
 
     def call_hello(self, args):
+        for key, value in (args.get("test_env") or {}).items():
+            if key.startswith("USRSYNC_PAUSE_"):  # tests pause the agent at a named phase
+                os.environ[key] = str(value)
         rsync = rsync_version(args.get("rsync_path") or "rsync")
         return {
             "version": AGENT_VERSION,

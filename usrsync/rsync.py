@@ -52,7 +52,7 @@ DEFAULT_PARTIAL_DIR = ".usrsync-partial"
 #: syncing user can always read, replace and delete what was staged (no 0555 dirs, 0444 files).
 CHMOD = "ugo=rwX"
 STDERR_TAIL_LINES = 20
-_POLL_SECONDS = 0.05
+_POLL_SECONDS = 0.02
 _KILL_GRACE_SECONDS = 2.0
 # Every exit status is returned, not raised: 0-255, and a negative signal number if killed.
 _OK_CODES = list(range(256)) + [-s for s in range(1, 65)]
@@ -422,34 +422,41 @@ def run_rsync(
     def on_err(line: str) -> None:
         tail.append(line.rstrip("\n"))
 
-    proc = cmd(
-        *argv[1:],
-        _bg=True,
-        _bg_exc=False,
-        _out=on_out,
-        _err=on_err,
-        _out_bufsize=1,
-        _err_bufsize=1,
-        _tty_out=False,
-        _new_session=True,  # own session and process group: killpg reaches ssh/shim children too
-        _ok_code=_OK_CODES,
-        _decode_errors="surrogateescape",  # names are bytes; keep them lossless
-        _env={**os.environ, **env} if env else None,
-    )
-    pid = proc.process.pid
-    pgid = proc.process.pgid or pid
-    log.debug("rsync.start", pid=pid, argv=argv)
+    # stdin from /dev/null: nothing may wait on it, and sh then needs no stdin feeder thread.
+    with open(os.devnull, "rb") as devnull:
+        proc = cmd(
+            *argv[1:],
+            _in=devnull,
+            _bg=True,
+            _bg_exc=False,
+            _out=on_out,
+            _err=on_err,
+            _out_bufsize=1,
+            _err_bufsize=1,
+            _tty_out=False,
+            _new_session=True,  # own session and process group: killpg reaches ssh/shim children
+            _ok_code=_OK_CODES,
+            _decode_errors="surrogateescape",  # names are bytes; keep them lossless
+            _env={**os.environ, **env} if env else None,
+        )
+        pid = proc.process.pid
+        pgid = proc.process.pgid or pid
+        log.debug("rsync.start", pid=pid, argv=argv)
 
-    cancelled = False
-    while proc.process.is_alive()[0]:
-        if failure or (cancel is not None and cancel.wait(_POLL_SECONDS)):
-            cancelled = not failure
-            log.info("rsync.stop", pid=pid, reason="callback failed" if failure else "cancelled")
+        cancelled = False
+        try:
+            while proc.process.is_alive()[0]:
+                if failure or (cancel is not None and cancel.wait(_POLL_SECONDS)):
+                    cancelled = not failure
+                    log.info("rsync.stop", pid=pid, reason="callback failed" if failure else "cancelled")
+                    _stop_group(proc, pgid, _KILL_GRACE_SECONDS)
+                    break
+                if cancel is None:
+                    time.sleep(_POLL_SECONDS)
+        except BaseException:  # e.g. KeyboardInterrupt in a caller's thread: leave nothing behind
             _stop_group(proc, pgid, _KILL_GRACE_SECONDS)
-            break
-        if cancel is None:
-            time.sleep(_POLL_SECONDS)
-    proc.wait()  # reaps it and joins sh's reader threads, so every line has been handled
+            raise
+        proc.wait()  # reaps it and joins sh's reader threads, so every line has been handled
     exit_code = proc.exit_code
     if failure:
         raise failure[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import Any
 
@@ -109,7 +110,11 @@ class RemoteSession:
             if remote.is_local:
                 await await_sentinel(reader, nonce)
             client = AgentClient(reader, writer, timeout=CALL_TIMEOUT)
-            hello, _ = await client.call("hello", {"rsync_path": remote.profile.rsync_path}, Hello)
+            test_env = {k[len("USRSYNC_REMOTE_"):]: v for k, v in os.environ.items()
+                        if k.startswith("USRSYNC_REMOTE_PAUSE_")}
+            hello, _ = await client.call("hello", {"rsync_path": remote.profile.rsync_path,
+                                                   "test_env": {"USRSYNC_" + k: v for k, v in test_env.items()}},
+                                         Hello)
             base, _ = await client.call("check_base", {"base_dir": remote.profile.base_dir}, BaseInfo)
         except BaseException:
             await transport.close()

@@ -144,8 +144,10 @@ class Run:
         transferring = self.action != "diff" and not self.options.dry_run
         if transferring:
             await self._lock_both()
+            engine.checkpoint("after-lock")
 
         local, remote = await self._manifests(policy)
+        engine.checkpoint("after-manifest")
         events = await self._events_state(local, remote) if policy.in_scope(EVENTS) else None
         shapes = await self._shapes() if policy.verify == "parquet" else None
         cmp = compare(local, remote, policy, events=events, primary_shapes=shapes)
@@ -296,6 +298,8 @@ class Run:
 
             def on_change(change: rsync.ItemizedChange) -> None:
                 if change.transferred:
+                    if not moved[0]:
+                        engine.checkpoint("mid-rsync")  # blocks rsync's output: it stalls mid-transfer
                     moved[0] += 1
                     moved[1] += change.size
                     if self.hooks.transfer_progress:
@@ -365,12 +369,14 @@ class Run:
         staged = await session.stage(self.dataset, self.txid, plan.link)
         promoted = False
         try:
+            engine.checkpoint("after-stage")
             if plan.copy:
                 live = session.dataset_path(self.dataset)
                 remote_live_exists = cmp.remote_exists
                 await self._rsync(plan, str(self.local_dir) + "/",
                                   session.transport.rsync_endpoint(staged.staging + "/"),
                                   live if remote_live_exists else None)
+            engine.checkpoint("after-rsync")
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
             result = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                           algo=self.algo, staging=True)

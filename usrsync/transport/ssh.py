@@ -300,8 +300,9 @@ async def _drain_quietly(reader: Any) -> None:
 
 def _private_socket_dir() -> str:
     """A 0700 dir for the relay socket: short (sun_path <= 107 bytes) and space-free (-e splits)."""
-    runtime = platformdirs.user_runtime_dir("usrsync")
-    for parent in (runtime, tempfile.gettempdir()):
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    parents = ([platformdirs.user_runtime_dir("usrsync")] if runtime else []) + [tempfile.gettempdir()]
+    for parent in parents:
         try:
             Path(parent).mkdir(parents=True, exist_ok=True, mode=0o700)
             path = tempfile.mkdtemp(prefix="rsh-", dir=parent)
