@@ -11,6 +11,10 @@ def transport_for(remote: Remote) -> Transport:
         from usrsync.transport.local import LocalTransport
 
         return LocalTransport(remote)
+    if remote.profile.transport == "openssh":
+        from usrsync.transport.openssh import OpenSshTransport
+
+        return OpenSshTransport(remote)
     from usrsync.transport.ssh import SshTransport
 
     return SshTransport(remote)

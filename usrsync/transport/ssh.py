@@ -8,20 +8,17 @@ import hashlib
 import os
 import secrets
 import shlex
-import socket
-import struct
+import shutil
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import asyncssh
-import platformdirs
 
 from remote_agent import usrsync_agent as engine
 from usrsync.config import default_known_hosts, expand_local_path
 from usrsync.errors import RemoteError
 from usrsync.protocol import await_sentinel
+from usrsync.relay import RelayServer, private_socket_dir
 from usrsync.transport.base import AGENT_PATH, Transport
 
 # AES-GCM costs half the CPU of chacha20 in asyncssh; keep the others for old servers.
@@ -29,7 +26,6 @@ ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20
                    "aes128-ctr", "aes256-ctr"]
 CHANNEL_WINDOW = 16 << 20  # asyncssh's 2 MiB default is slower than OpenSSH on real RTTs
 MAX_CHANNELS = 8  # sshd's default MaxSessions is 10: agent + rsync channels stay below
-RSH_MARKER = "USRSYNC-RSH"
 LOADER = """import hashlib,sys
 p,h=sys.argv[1],sys.argv[2]
 try:
@@ -67,7 +63,7 @@ def agent_source() -> bytes:
 class SshTransport(Transport):
     conn: asyncssh.SSHClientConnection | None = None
     agent_process: Any = None
-    _relay: asyncio.AbstractServer | None = None
+    _relay: RelayServer | None = None
     _relay_dir: str | None = None
     _socket_path: str | None = None
 
@@ -125,13 +121,17 @@ class SshTransport(Transport):
         # ionice where the login node has it: hashing must not starve interactive users' I/O.
         return f"if command -v ionice >/dev/null 2>&1; then exec ionice -c2 -n7 {run}; else exec {run}; fi"
 
-    async def start_agent(self, nonce: str) -> tuple[Any, Any]:
+    async def exec(self, command: str, window: int | None = None) -> Any:
+        """Start a remote command; the process has stdin/stdout/stderr streams and wait()."""
         assert self.conn is not None
+        return await self.conn.create_process(command, encoding=None, **({"window": window} if window else {}))
+
+    async def start_agent(self, nonce: str) -> tuple[Any, Any]:
         source = agent_source()
         digest = hashlib.sha256(source).hexdigest()
         directory, path = self._agent_paths(digest)
         for attempt in range(2):
-            process = await self.conn.create_process(self._agent_command(path, digest, nonce), encoding=None)
+            process = await self.exec(self._agent_command(path, digest, nonce))
             try:
                 await await_sentinel(process.stdout, nonce)
             except RemoteError:
@@ -156,21 +156,25 @@ class SshTransport(Transport):
 
     async def _deploy(self, source: bytes, directory: str, path: str) -> None:
         """Upload over SFTP; over an exec channel when SFTP is broken (noisy shells, old servers)."""
-        assert self.conn is not None
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-        try:
-            async with self.conn.start_sftp_client() as sftp:
-                await sftp.makedirs(directory, exist_ok=True)
-                async with sftp.open(tmp, "wb") as handle:
-                    await handle.write(source)
-                await sftp.posix_rename(tmp, path)
-            return
-        except (asyncssh.Error, OSError, AttributeError, TypeError, ValueError):
-            pass  # fall back below; the loader checks the hash either way
-        command = (f"mkdir -p {shlex.quote(directory)} && cat > {shlex.quote(tmp)} && "
-                   f"mv -f {shlex.quote(tmp)} {shlex.quote(path)}")
-        result = await self.conn.run(command, input=source, encoding=None, check=False)
-        if result.exit_status != 0:
+        if self.conn is not None:
+            try:
+                async with self.conn.start_sftp_client() as sftp:
+                    await sftp.makedirs(directory, exist_ok=True)
+                    async with sftp.open(tmp, "wb") as handle:
+                        await handle.write(source)
+                    await sftp.posix_rename(tmp, path)
+                return
+            except (asyncssh.Error, OSError, AttributeError, TypeError, ValueError):
+                pass  # fall back below; the loader checks the hash either way
+        process = await self.exec(deploy_command(directory, tmp, path))
+        process.stdin.write(source)
+        await process.stdin.drain()
+        process.stdin.write_eof()
+        await _drain_quietly(process.stdout)
+        status = (await process.wait(check=False)).exit_status
+        process.close()
+        if status != 0:
             raise RemoteError(f"cannot upload the agent to {self.remote.display_host}",
                               "check that the remote home directory is writable and not full")
 
@@ -187,79 +191,21 @@ class SshTransport(Transport):
     async def prepare_rsync(self) -> None:
         if self._relay is not None:
             return
-        self._relay_dir = _private_socket_dir()
+        self._relay_dir = private_socket_dir()
         self._socket_path = os.path.join(self._relay_dir, "rsh.sock")
-        self._channels = asyncio.Semaphore(MAX_CHANNELS - 1)
-        self._relay = await asyncio.start_unix_server(self._serve_shim, path=self._socket_path)
-        os.chmod(self._socket_path, 0o600)
+        self._relay = RelayServer(lambda command: self.exec(command, window=CHANNEL_WINDOW),
+                                  allowed=self.is_rsync_server, max_channels=MAX_CHANNELS - 1)
+        await self._relay.start(self._socket_path)
 
-    async def _serve_shim(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Relay one rsync run between the shim and an exec channel. Never raises: an escaped
-        exception in a connection callback would take the whole SSH connection down."""
-        try:
-            sock = writer.get_extra_info("socket")
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
-            if uid != os.getuid():
-                return
-            size = struct.unpack(">I", await reader.readexactly(4))[0]
-            command = (await reader.readexactly(min(size, 1 << 16))).decode("utf-8", "surrogateescape")
-            rsync = self.remote.profile.rsync_path
-            if not command.startswith(f"{rsync} --server"):
-                await _send_record(writer, b"e", b"usrsync: only rsync --server may run through the relay\n")
-                await _send_record(writer, b"x", struct.pack(">i", 255))
-                return
-            async with self._channels:
-                await self._relay_channel(command, reader, writer)
-        except Exception:  # noqa: BLE001 - see docstring
-            pass
-        finally:
-            writer.close()
-
-    async def _relay_channel(self, command: str, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
-        assert self.conn is not None
-        nonce = secrets.token_hex(8)
-        marker = f"{RSH_MARKER}-{nonce}"
-        # Printed first so the relay can drop whatever a noisy login shell prints before it.
-        wrapped = f"echo {marker}; exec {command}"
-        process = await self.conn.create_process(wrapped, encoding=None, window=CHANNEL_WINDOW)
-
-        async def upstream():
-            while chunk := await reader.read(256 * 1024):
-                process.stdin.write(chunk)
-                await process.stdin.drain()
-            process.stdin.write_eof()
-
-        async def downstream():
-            await await_marker(process.stdout, marker)
-            while chunk := await process.stdout.read(256 * 1024):
-                await _send_record(writer, b"o", chunk)
-
-        async def errors():
-            while chunk := await process.stderr.read(64 * 1024):
-                await _send_record(writer, b"e", chunk)
-
-        up = asyncio.create_task(upstream())
-        try:
-            await asyncio.gather(downstream(), errors())
-            completed = await process.wait(check=False)
-            status = completed.exit_status
-            if status is None or status < 0:
-                status = 255  # killed by a signal: what ssh reports
-            await _send_record(writer, b"x", struct.pack(">i", status))
-        finally:
-            up.cancel()
-            process.close()
+    def is_rsync_server(self, command: str) -> bool:
+        return command.startswith(f"{self.remote.profile.rsync_path} --server")
 
     async def close(self) -> None:
         if self._relay is not None:
             self._relay.close()
             self._relay = None
         if self._relay_dir is not None:
-            for name in os.listdir(self._relay_dir):
-                os.unlink(os.path.join(self._relay_dir, name))
-            os.rmdir(self._relay_dir)
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
             self._relay_dir = None
         if self.agent_process is not None:
             self.agent_process.stdin.write_eof()
@@ -271,23 +217,9 @@ class SshTransport(Transport):
             self.conn = None
 
 
-async def await_marker(reader: Any, marker: str) -> None:
-    expected = marker.encode()
-    seen = 0
-    while seen < (1 << 20):
-        line = await reader.readline()
-        if not line:
-            return
-        seen += len(line)
-        if line.rstrip(b"\r\n") == expected:
-            return
-    raise RemoteError("the remote shell printed over 1 MiB before rsync started",
-                      "check the remote login shell's startup files for endless output")
-
-
-async def _send_record(writer: asyncio.StreamWriter, kind: bytes, payload: bytes) -> None:
-    writer.write(struct.pack(">cI", kind, len(payload)) + payload)
-    await writer.drain()
+def deploy_command(directory: str, tmp: str, path: str) -> str:
+    q = shlex.quote
+    return f"mkdir -p {q(directory)} && cat > {q(tmp)} && mv -f {q(tmp)} {q(path)}"
 
 
 async def _drain_quietly(reader: Any) -> None:
@@ -296,20 +228,3 @@ async def _drain_quietly(reader: Any) -> None:
             pass
     except (asyncssh.Error, OSError):
         pass
-
-
-def _private_socket_dir() -> str:
-    """A 0700 dir for the relay socket: short (sun_path <= 107 bytes) and space-free (-e splits)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    parents = ([platformdirs.user_runtime_dir("usrsync")] if runtime else []) + [tempfile.gettempdir()]
-    for parent in parents:
-        try:
-            Path(parent).mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = tempfile.mkdtemp(prefix="rsh-", dir=parent)
-        except OSError:
-            continue
-        if len(path) < 90 and " " not in path:
-            return path
-        os.rmdir(path)
-    raise RemoteError("no short private directory for the rsync relay socket",
-                      "set XDG_RUNTIME_DIR to a short path without spaces")
