@@ -208,11 +208,10 @@ def remotes_list(obj: Globals) -> None:
     """One line per remote."""
     path, cfg = obj.load()
     if not cfg.remotes:
-        render.stdout.print(f"no remotes in {path}; add one with `usr remotes add NAME --host … --base-dir …`",
-                            markup=False)
+        click.echo(f"no remotes in {path}; add one with `usr remotes add NAME --host … --base-dir …`")
     for name, profile in sorted(cfg.remotes.items()):
         where = config.Remote(name=name, profile=profile).display_host
-        render.stdout.print(f"{name}\t{profile.type}\t{where}\tbase_dir={profile.base_dir}", markup=False)
+        click.echo(f"{name}\t{profile.type}\t{where}\tbase_dir={profile.base_dir}")
 
 
 @remotes.command("show")
@@ -222,11 +221,11 @@ def remotes_show(obj: Globals, name: str) -> None:
     """Every setting of one remote, defaults included."""
     path, cfg = obj.load()
     remote = config.get_remote(cfg, name, path)
-    render.stdout.print(f"name = {name}", markup=False)
+    click.echo(f"name = {name}")
     for key, value in msgspec.structs.asdict(remote.profile).items():
         if value is not None:
-            render.stdout.print(f"{key} = {json.dumps(value)}", markup=False)
-    render.stdout.print(f"# from {path}", markup=False)
+            click.echo(f"{key} = {json.dumps(value)}")
+    click.echo(f"# from {path}")
 
 
 @remotes.command("add")
@@ -254,7 +253,7 @@ def remotes_add(obj: Globals, name: str, kind: str, replace: bool, **fields) -> 
     path = obj.config_path()
     config.add_remote(path, name, profile, replace=replace)
     if not obj.quiet:
-        render.stdout.print(f"added remote {name} to {path}", markup=False)
+        click.echo(f"added remote {name} to {path}")
 
 
 @remotes.command("remove")
@@ -265,7 +264,7 @@ def remotes_remove(obj: Globals, name: str) -> None:
     path = obj.config_path()
     config.remove_remote(path, name)
     if not obj.quiet:
-        render.stdout.print(f"removed remote {name} from {path}", markup=False)
+        click.echo(f"removed remote {name} from {path}")
 
 
 @remotes.command("doctor")
@@ -280,10 +279,10 @@ def remotes_doctor(obj: Globals, name: str) -> None:
     checks = asyncio.run(run_doctor(remote))
     failed = [c for c in checks if not c.ok]
     for check in checks:
-        mark = "ok  " if check.ok else "FAIL"
-        render.stdout.print(f"{mark} {check.name}: {check.detail}", markup=False)
+        mark = "ok  " if check.ok else ("FAIL" if check.ran else "skip")
+        click.echo(f"{mark} {check.name}: {check.detail}")
         if not check.ok and check.fix:
-            render.stdout.print(f"     fix: {check.fix}", markup=False)
+            click.echo(f"     fix: {check.fix}")
     if failed:
         sys.exit(failed[0].exit_code)
 
@@ -312,8 +311,56 @@ def remotes_ls(obj: Globals, name: str, as_json: bool) -> None:
         return
     for d in datasets:
         changed = audit.dt.datetime.fromtimestamp(d.last_change_ns / 1e9, audit.dt.timezone.utc)
-        render.stdout.print(f"{d.dataset}\t{render.human_bytes(d.bytes)}\t{d.files} files\t"
-                            f"{changed:%Y-%m-%dT%H:%M:%SZ}", markup=False)
+        click.echo(f"{d.dataset}\t{render.human_bytes(d.bytes)}\t{d.files} files\t"
+                            f"{changed:%Y-%m-%dT%H:%M:%SZ}")
+
+
+@remotes.command("warm-auth")
+@click.option("--remote", "name", required=True)
+@click.option("--idle-timeout", type=click.FloatRange(1), default=3600, show_default=True, metavar="SECONDS",
+              help="Close the kept connection after this long without a run.")
+@click.option("--stop", is_flag=True, help="Close the kept connection now.")
+@click.pass_obj
+def remotes_warm_auth(obj: Globals, name: str, idle_timeout: float, stop: bool) -> None:
+    """Authenticate once (MFA) and keep the connection for later runs, cron included."""
+    from usrsync import broker
+
+    path, cfg = obj.load()
+    remote = config.get_remote(cfg, name, path)
+    if stop:
+        stopped = asyncio.run(broker.stop(remote.name))
+        click.echo(f"closed the kept connection to {remote.name}" if stopped
+                            else f"no kept connection to {remote.name}")
+        return
+    existing = asyncio.run(broker.status(remote.name))
+    status = existing or broker.start(path, remote, idle_timeout)
+    if not obj.quiet:
+        click.echo(f"{'already connected' if existing else 'connected'} to {status.host} "
+                            f"(broker pid {status.pid}); later runs reuse this connection until "
+                            f"{status.idle_timeout:g} s pass without one")
+
+
+@remotes.command("status")
+@click.option("--remote", "name", help="Only this remote.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def remotes_status(obj: Globals, name: str | None, as_json: bool) -> None:
+    """Kept (warm-auth) connections per remote."""
+    from usrsync import broker
+
+    path, cfg = obj.load()
+    names = [config.get_remote(cfg, name, path).name] if name else sorted(cfg.remotes)
+    found = {n: asyncio.run(broker.status(n)) for n in names}
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(found).decode() + "\n")
+        return
+    for n, status in found.items():
+        if status is None:
+            click.echo(f"{n}\tnot connected")
+        else:
+            click.echo(f"{n}\tconnected to {status.host}\tpid {status.pid}\tsince {status.started_at}\t"
+                                f"idle {status.idle_seconds:g}/{status.idle_timeout:g} s\t"
+                                f"{status.active_channels} active")
 
 
 # --- history, schema, demo ------------------------------------------------------------------
@@ -335,8 +382,8 @@ def history(obj: Globals, dataset: str, remote: str | None, limit: int, as_json:
         return
     for doc in docs:
         d = doc.data
-        render.stdout.print(f"{d.started_at}\t{d.action}\t{d.transfer_state}\t{d.remote.name}\t"
-                            f"{d.transfer.files} files\t{render.human_bytes(d.transfer.bytes)}", markup=False)
+        click.echo(f"{d.started_at}\t{d.action}\t{d.transfer_state}\t{d.remote.name}\t"
+                            f"{d.transfer.files} files\t{render.human_bytes(d.transfer.bytes)}")
 
 
 @cli.group()

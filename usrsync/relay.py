@@ -199,25 +199,48 @@ class RelayProcess:
         self._writer.close()
 
 
-def private_socket_dir(prefix: str = "rsh-") -> str:
-    """A fresh 0700 dir: short (sun_path <= 107 bytes) and space-free (rsync splits -e on spaces)."""
+def private_runtime_dir() -> str:
+    """Our 0700 runtime dir (XDG_RUNTIME_DIR/usrsync, else /tmp/usrsync-UID), verified as ours."""
     for parent in runtime_parents():
         try:
             Path(parent).mkdir(parents=True, exist_ok=True, mode=0o700)
             st = os.lstat(parent)
-            if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(parent):
-                continue  # someone else could swap our socket: never use it
-            path = tempfile.mkdtemp(prefix=prefix, dir=parent)
         except OSError:
             continue
-        if len(path) < 90 and " " not in path:
-            return path
-        os.rmdir(path)
-    raise RemoteError("no short private directory for the relay socket",
-                      "set XDG_RUNTIME_DIR to a short path without spaces")
+        if st.st_uid == os.getuid() and not st.st_mode & 0o077 and os.path.isdir(parent) \
+                and len(parent) < 70 and " " not in parent:
+            return parent  # anything else could let another user swap our sockets
+    raise RemoteError("no private runtime directory for the relay socket",
+                      "set XDG_RUNTIME_DIR to a short path without spaces, owned by you with mode 0700")
+
+
+def private_socket_dir(prefix: str = "rsh-") -> str:
+    """A fresh 0700 dir: short (sun_path <= 107 bytes) and space-free (rsync splits -e on spaces)."""
+    return tempfile.mkdtemp(prefix=prefix, dir=private_runtime_dir())
 
 
 def runtime_parents() -> list[str]:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     parents = [os.path.join(runtime, "usrsync")] if runtime else []
     return parents + [os.path.join(tempfile.gettempdir(), f"usrsync-{os.getuid()}")]
+
+
+def broker_socket(remote_name: str) -> str:
+    return os.path.join(private_runtime_dir(), f"broker-{remote_name}.sock")
+
+
+async def relay_request(socket_path: str, command: str, timeout: float = 5.0) -> bytes | None:
+    """Run one special command on a relay (status, stop); None when nobody answers."""
+    try:
+        process = await asyncio.wait_for(RelayProcess.open(socket_path, command), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        process.stdin.write_eof()
+        output = await asyncio.wait_for(process.stdout.read(), timeout)
+        status = (await asyncio.wait_for(process.wait(), timeout)).exit_status
+    except (OSError, asyncio.TimeoutError):
+        return None
+    finally:
+        process.close()
+    return output if status == 0 else None

@@ -129,7 +129,7 @@ class Run:
     def _fail(self, kind: str, message: str, hint: str | None, code: int) -> int:
         self.data.transfer_state = "FAILED"
         self.data.error = audit.ErrorReport(kind=kind, message=message, hint=hint, exit_code=code)
-        self.log.error("failed", kind=kind, message=message)
+        self.log.info("failed", kind=kind, message=message, exit_code=code)
         return code
 
     async def _run(self) -> int:
@@ -312,10 +312,16 @@ class Run:
         self.data.transfer.rsync_exit = result.exit_code
         if result.exit_code != 0:
             tail = result.stderr_tail.strip().splitlines()
+            hint = "nothing was promoted; rerun the same command (use -v for rsync's messages)"
+            if "is your shell clean" in result.stderr_tail:
+                hint = ("nothing was promoted; the remote login shell prints text for non-interactive sessions, "
+                        'which breaks rsync over system ssh: set transport = "asyncssh" for remote '
+                        f"{self.remote.name!r}, or silence the shell's startup files (~/.bashrc, ~/.profile) "
+                        "for non-interactive sessions")
             raise TransferError(
                 f"rsync failed with exit {result.exit_code} ({rsync.explain_exit(result.exit_code)})"
                 + (f": {tail[-1]}" if tail else ""),
-                "nothing was promoted; rerun the same command (use -v for rsync's messages)",
+                hint,
             )
         self.data.transfer.files = result.files
         self.data.transfer.bytes = result.bytes

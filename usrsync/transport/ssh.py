@@ -18,14 +18,16 @@ from remote_agent import usrsync_agent as engine
 from usrsync.config import default_known_hosts, expand_local_path
 from usrsync.errors import RemoteError
 from usrsync.protocol import await_sentinel
-from usrsync.relay import RelayServer, private_socket_dir
+from usrsync.relay import RelayProcess, RelayServer, broker_socket, private_socket_dir, relay_request
 from usrsync.transport.base import AGENT_PATH, Transport
 
 # AES-GCM costs half the CPU of chacha20 in asyncssh; keep the others for old servers.
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                    "aes128-ctr", "aes256-ctr"]
+AGENT_DIR = ".cache/usrsync/agent"
 CHANNEL_WINDOW = 16 << 20  # asyncssh's 2 MiB default is slower than OpenSSH on real RTTs
 MAX_CHANNELS = 8  # sshd's default MaxSessions is 10: agent + rsync channels stay below
+AGENT_COMMAND_PREFIX = "if command -v ionice"
 LOADER = """import hashlib,sys
 p,h=sys.argv[1],sys.argv[2]
 try:
@@ -61,7 +63,10 @@ def agent_source() -> bytes:
 
 
 class SshTransport(Transport):
+    """Direct asyncssh connection, or the connection a warm-auth broker holds for this remote."""
+
     conn: asyncssh.SSHClientConnection | None = None
+    broker: str | None = None
     agent_process: Any = None
     _relay: RelayServer | None = None
     _relay_dir: str | None = None
@@ -72,7 +77,16 @@ class SshTransport(Transport):
         assert profile.host is not None
         return profile.host
 
+    def __init__(self, remote, use_broker: bool = True):
+        super().__init__(remote)
+        self.use_broker = use_broker
+
     async def connect(self) -> None:
+        if self.use_broker:
+            path = broker_socket(self.remote.name)
+            if os.path.exists(path) and await relay_request(path, "usrsync:status") is not None:
+                self.broker = path
+                return
         profile = self.remote.profile
         known_hosts = expand_local_path(profile.known_hosts) if profile.known_hosts else default_known_hosts()
         if not known_hosts.is_file():
@@ -111,7 +125,7 @@ class SshTransport(Transport):
                               "check host and port in the profile, your network/VPN, and that sshd runs there") from None
 
     def _agent_paths(self, digest: str) -> tuple[str, str]:
-        directory = f".cache/usrsync/agent/{digest[:16]}"
+        directory = f"{AGENT_DIR}/{digest[:16]}"
         return directory, f"{directory}/usrsync_agent.py"
 
     def _agent_command(self, path: str, digest: str, nonce: str) -> str:
@@ -119,10 +133,12 @@ class SshTransport(Transport):
         run = " ".join(shlex.quote(w) for w in ["nice", "-n", "10", python, "-c", LOADER, path, digest,
                                                  "serve", nonce])
         # ionice where the login node has it: hashing must not starve interactive users' I/O.
-        return f"if command -v ionice >/dev/null 2>&1; then exec ionice -c2 -n7 {run}; else exec {run}; fi"
+        return f"{AGENT_COMMAND_PREFIX} >/dev/null 2>&1; then exec ionice -c2 -n7 {run}; else exec {run}; fi"
 
     async def exec(self, command: str, window: int | None = None) -> Any:
         """Start a remote command; the process has stdin/stdout/stderr streams and wait()."""
+        if self.broker is not None:
+            return await RelayProcess.open(self.broker, command)
         assert self.conn is not None
         return await self.conn.create_process(command, encoding=None, **({"window": window} if window else {}))
 
@@ -189,6 +205,9 @@ class SshTransport(Transport):
         return " ".join(shlex.quote(w) for w in [sys.executable, "-m", "usrsync.rsh", self._socket_path])
 
     async def prepare_rsync(self) -> None:
+        if self.broker is not None:
+            self._socket_path = self.broker  # the shim talks to the broker directly
+            return
         if self._relay is not None:
             return
         self._relay_dir = private_socket_dir()
@@ -215,6 +234,10 @@ class SshTransport(Transport):
             self.conn.close()
             await self.conn.wait_closed()
             self.conn = None
+
+
+def deploy_prefix() -> str:
+    return f"mkdir -p {AGENT_DIR}/"
 
 
 def deploy_command(directory: str, tmp: str, path: str) -> str:
