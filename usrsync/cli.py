@@ -146,8 +146,7 @@ def _sync_command(action: str):
         )
         show = not obj.quiet and not opts["as_json"]
         hooks = hooks_for(action, show_progress=opts["progress"] and show, ask=not opts["yes"])
-        doc, code = asyncio.run(sync.run(action, dataset_id, profile, root, options, hooks))
-        _save_audit(doc, opts["audit_json_out"])
+        doc, code = asyncio.run(sync.run(action, dataset_id, profile, root, options, hooks, opts["audit_json_out"]))
         if opts["as_json"]:
             sys.stdout.write(audit.encode(doc).decode())
         elif show:
@@ -159,15 +158,6 @@ def _sync_command(action: str):
             sys.exit(EXIT_DIFFERENT)
 
     return command
-
-
-def _save_audit(doc: audit.AuditDocument, out: Path | None) -> None:
-    if out is not None:
-        audit.write_atomic(out, doc)
-    try:
-        audit.archive(doc)
-    except OSError as exc:
-        render.print_error(f"could not archive the audit: {exc}", None)
 
 
 def _register_sync(action: str, help_text: str, extra: list | None = None) -> None:

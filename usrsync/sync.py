@@ -83,8 +83,9 @@ class Run:
     """One diff, pull or push of one dataset against one remote."""
 
     def __init__(self, action: Action, dataset: str, remote: Remote, root: Path, options: SyncOptions,
-                 hooks: Hooks | None = None):
+                 hooks: Hooks | None = None, audit_out: Path | None = None):
         self.action = action
+        self.audit_out = audit_out
         self.dataset = dataset
         self.remote = remote
         self.root = root
@@ -110,7 +111,9 @@ class Run:
     # --- the run -------------------------------------------------------------------------
 
     async def execute(self) -> tuple[audit.AuditDocument, int]:
+        """Run to the end; the audit is written (and archived) whatever happens, Ctrl-C included."""
         exit_code = 0
+        interrupted = False
         try:
             exit_code = await self._run()
         except UsrError as exc:
@@ -119,12 +122,25 @@ class Run:
             exit_code = self._fail("remote", f"the connection to {self.remote.display_host} was lost ({exc})",
                                    "rerun the same command: nothing was promoted half-way", RemoteError.exit_code)
         except (KeyboardInterrupt, asyncio.CancelledError):
+            interrupted = True
             exit_code = self._fail("interrupted", "interrupted", "rerun the same command to finish the sync",
                                    EXIT_INTERRUPTED)
         finally:
             await self._release()
-        self.data.finished_at = audit.utc_now()
-        return audit.AuditDocument(usr_output_version=audit.OUTPUT_VERSION, data=self.data), exit_code
+            self.data.finished_at = audit.utc_now()
+            doc = audit.AuditDocument(usr_output_version=audit.OUTPUT_VERSION, data=self.data)
+            self._save(doc)
+        if interrupted:
+            raise KeyboardInterrupt
+        return doc, exit_code
+
+    def _save(self, doc: audit.AuditDocument) -> None:
+        if self.audit_out is not None:
+            audit.write_atomic(self.audit_out, doc)
+        try:
+            audit.archive(doc)
+        except OSError as exc:
+            self.data.warnings.append(f"could not archive the audit: {exc}")
 
     def _fail(self, kind: str, message: str, hint: str | None, code: int) -> int:
         self.data.transfer_state = "FAILED"
@@ -434,5 +450,5 @@ def promote_local(root: Path, dataset: str, txid: str, wait: float) -> str:
 
 
 async def run(action: Action, dataset: str, remote: Remote, root: Path, options: SyncOptions,
-              hooks: Hooks | None = None) -> tuple[audit.AuditDocument, int]:
-    return await Run(action, dataset, remote, root, options, hooks).execute()
+              hooks: Hooks | None = None, audit_out: Path | None = None) -> tuple[audit.AuditDocument, int]:
+    return await Run(action, dataset, remote, root, options, hooks, audit_out).execute()
