@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -522,7 +525,7 @@ def test_cancel_kills_the_process_group(tree: dict[str, Path]):
     assert r.files == 0  # the file was never completed, so it is not reported
     assert live_group_members(r.pid) == []
     # zombies of orphaned children vanish once init reaps them
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while True:
         try:
             os.killpg(r.pid, 0)
@@ -553,3 +556,44 @@ def test_callback_error_stops_and_propagates(tree: dict[str, Path]):
 async def test_runs_in_a_worker_thread(tree: dict[str, Path]):
     r = await asyncio.to_thread(run_rsync, local_argv(tree), env={"USRSYNC_TEST": "1"})
     assert r.exit_code == 0 and r.files == 3
+
+
+def rsync_processes_mentioning(marker: str) -> list[int]:
+    """Live (non-zombie) rsync processes whose command line contains `marker`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if b"rsync" in cmdline and marker.encode() in cmdline and state not in (b"Z", b"X"):
+                found.append(int(entry))
+    return found
+
+
+@needs_rsync
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_rsync_dies_with_a_killed_orchestrator(tree: dict[str, Path]):
+    (tree["src"] / "big.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    write_list(tree["list"], ["big.bin"])
+    argv = local_argv(tree)
+    argv.insert(1, "--bwlimit=64")
+    script = "import sys, json; from usrsync.rsync import run_rsync; run_rsync(json.loads(sys.argv[1]))"
+    orchestrator = subprocess.Popen([sys.executable, "-c", script, json.dumps(argv)])
+    try:
+        deadline = time.monotonic() + 10
+        while not rsync_processes_mentioning(str(tree["src"])):
+            assert time.monotonic() < deadline, "rsync did not start"
+            time.sleep(0.05)
+        orchestrator.kill()
+        orchestrator.wait(10)
+        deadline = time.monotonic() + 10
+        while left := rsync_processes_mentioning(str(tree["src"])):
+            assert time.monotonic() < deadline, f"rsync left running: {left}"
+            time.sleep(0.05)
+    finally:
+        if orchestrator.poll() is None:
+            orchestrator.kill()
+            orchestrator.wait(10)

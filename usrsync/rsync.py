@@ -6,9 +6,11 @@ Callers (sync.py) decide what to transfer and what an exit code means for the ru
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -131,8 +133,7 @@ def parse_version(text: str) -> RsyncInfo:
     # Genuine rsync never says "compatible", so either line identifies it.
     om, cm = _OPENRSYNC_LINE.search(text), _OPENRSYNC_COMPAT.search(text)
     if om or cm:
-        first = om if om and (not cm or om.start() < cm.start()) else cm
-        assert first is not None
+        first = min((x for x in (om, cm) if x is not None), key=lambda x: x.start())
         return RsyncInfo(
             flavour="openrsync",
             version=_version3(cm) if cm else (0, 0, 0),
@@ -143,8 +144,9 @@ def parse_version(text: str) -> RsyncInfo:
             raw=first.group(0).strip(),
         )
     sample = " | ".join(line.strip() for line in text.strip().splitlines()[:2])[:160]
+    what = f"not recognisable as `rsync --version` output: {sample!r}" if sample else "`rsync --version` printed nothing"
     raise RsyncSetupError(
-        f"not recognisable as `rsync --version` output: {sample!r}" if sample else "`rsync --version` printed nothing",
+        what,
         hint="install rsync >= 3.0 (remote: set rsync_path in the remote profile)",
     )
 
@@ -169,14 +171,8 @@ def local_rsync_info(binary: str = "rsync") -> RsyncInfo:
     """Run `<binary> --version` here and parse it."""
     try:
         cmd = sh.Command(binary)
-        run = cmd(
-            "--version",
-            _return_cmd=True,
-            _tty_out=False,
-            _ok_code=_OK_CODES,
-            _timeout=30,
-            _decode_errors="replace",
-        )
+        with open(os.devnull, "rb") as devnull:
+            run = cmd("--version", _in=devnull, _return_cmd=True, _tty_out=False, _ok_code=_OK_CODES, _timeout=30)
     except sh.CommandNotFound:
         raise RsyncSetupError(
             f"rsync not found: {binary!r}", hint="install rsync >= 3.0 (apt install rsync, brew install rsync)"
@@ -238,7 +234,7 @@ def build_argv(
     peer = remote or local
     argv = [
         binary,
-        "-r",  # --files-from turns -r off; a listed directory must not be silently skipped
+        "-r",  # --files-from turns -r off; with it a listed directory is not copied empty
         "-t",  # keep mtimes
         "--checksum",  # content decides, not size+mtime (a same-size rewrite is a change)
         "--from0",
@@ -330,6 +326,31 @@ class RsyncResult(msgspec.Struct):
     pid: int | None = None  # rsync's pid, which is also its process group id
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """A pre-exec hook that makes rsync get SIGTERM if the thread that started it dies.
+
+    rsync runs in its own session, out of reach of the terminal's signals; without this a
+    SIGKILLed orchestrator would leave it running into a staging dir the next run cleans up.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the hook ran
+            os._exit(1)
+
+    return hook
+
+
 def _live_group_members(pgid: int) -> list[int]:
     """Pids in process group `pgid` that are not zombies (zombies cannot hold anything)."""
     try:
@@ -394,7 +415,10 @@ def run_rsync(
         raise ValueError("empty rsync argv")
     started = time.monotonic()
     if cancel is not None and cancel.is_set():
-        return RsyncResult(20, [], 0, 0, "cancelled before start", 0.0, cancelled=True)
+        return RsyncResult(
+            exit_code=20, changes=[], files=0, bytes=0, stderr_tail="cancelled before start", seconds=0.0,
+            cancelled=True,
+        )
     try:
         cmd = sh.Command(argv[0])
     except sh.CommandNotFound:
@@ -435,6 +459,7 @@ def run_rsync(
             _err_bufsize=1,
             _tty_out=False,
             _new_session=True,  # own session and process group: killpg reaches ssh/shim children
+            _preexec_fn=_die_with_parent_fn(),
             _ok_code=_OK_CODES,
             _decode_errors="surrogateescape",  # names are bytes; keep them lossless
             _env={**os.environ, **env} if env else None,
