@@ -18,6 +18,7 @@ def configure(fmt: Literal["console", "json"] = "console", verbose: bool = False
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     if quiet:
         level = logging.ERROR
+    logging.getLogger("sh").setLevel(logging.WARNING)  # it logs every process start at INFO
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
