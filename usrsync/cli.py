@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -69,6 +70,9 @@ class UsrGroup(click.Group):
         except KeyboardInterrupt:
             render.print_error("interrupted", "rerun the same command to finish")
             sys.exit(130)
+        except BrokenPipeError:  # `usr … | head`: the reader left; nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except Exception as exc:  # noqa: BLE001 - last resort: one line unless -v
             verbose = bool(ctx.obj and ctx.obj.verbose)
             if verbose:
@@ -390,7 +394,7 @@ def schema_audit() -> None:
 @cli.command()
 @click.option("--keep", is_flag=True, help="Keep the demo directory afterwards.")
 def demo(keep: bool) -> None:
-    """Run the audit loop (diff, pull, change, push, diff) on a throwaway local remote."""
+    """Run the audit loop (diff, pull, change, push, pull again, diff) on a throwaway local remote."""
     from usrsync.demo import run_demo
 
     sys.exit(run_demo(keep=keep))

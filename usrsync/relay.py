@@ -220,8 +220,10 @@ def private_socket_dir(prefix: str = "rsh-") -> str:
 
 
 def runtime_parents() -> list[str]:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    parents = [os.path.join(runtime, "usrsync")] if runtime else []
+    # cron has no XDG_RUNTIME_DIR while a login shell does: fall back to the same
+    # /run/user/UID the login shell sees, so a warm-auth broker is found from both.
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    parents = [os.path.join(runtime, "usrsync")] if os.path.isdir(runtime) else []
     return parents + [os.path.join(tempfile.gettempdir(), f"usrsync-{os.getuid()}")]
 
 

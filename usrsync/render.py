@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -18,7 +19,10 @@ SECTION_ROWS = (
     ("auxiliary", "_auxiliary"),
 )
 
-stdout = Console(highlight=False, soft_wrap=True)
+# Off a terminal (cron logs, pipes) rich assumes 80 columns, which truncates the section table's
+# names ("_snapsho…"); use a width that fits it unless COLUMNS says otherwise.
+_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+stdout = Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -83,7 +87,8 @@ def decision_line(data: audit.AuditData) -> str:
 
 
 def print_report(data: audit.AuditData) -> None:
-    stdout.print(section_table(data))
+    if data.primary is not None:  # a run that failed before comparing has no sections to show
+        stdout.print(section_table(data))
     for warning in data.warnings:
         stderr.print(f"warning: {warning}", markup=False)
     if data.error is None:
