@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from typing import Any
@@ -11,12 +12,17 @@ import msgspec
 from usrsync.compare import EventsLines
 from usrsync.config import Remote
 from usrsync.errors import ConfigError, LockedError, RemoteError
-from usrsync.manifest import Entry, Manifest, validate_remote_entries
+from usrsync.manifest import Entry, HashProgress, Manifest, validate_remote_entries
 from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
 from usrsync.transport import transport_for
 from usrsync.transport.base import Transport
 
 CALL_TIMEOUT = 6 * 3600  # a manifest of a huge tree may take hours; a dead peer is caught by keepalives
+
+
+def keepalive_interval(agent_timeout: float) -> float:
+    """How often the agent reports that it is still working: well inside the idle timeout."""
+    return max(0.05, min(30.0, agent_timeout / 4))
 
 
 class Hello(msgspec.Struct):
@@ -106,13 +112,18 @@ class RemoteSession:
         try:
             await transport.connect()
             nonce = secrets.token_hex(16)
-            reader, writer = await transport.start_agent(nonce)
-            if remote.is_local:
-                await await_sentinel(reader, nonce)
-            client = AgentClient(reader, writer, timeout=CALL_TIMEOUT)
+            idle = remote.profile.agent_timeout
+            try:
+                reader, writer = await asyncio.wait_for(_start_agent(transport, nonce, remote.is_local), idle)
+            except asyncio.TimeoutError:
+                raise RemoteError(f"the remote agent did not start within {idle:g} s",
+                                  "run `usr remotes doctor --remote NAME`; on a slow login node raise "
+                                  "agent_timeout in the remote profile") from None
+            client = AgentClient(reader, writer, timeout=CALL_TIMEOUT, idle_timeout=idle)
             test_env = {k[len("USRSYNC_REMOTE_"):]: v for k, v in os.environ.items()
                         if k.startswith("USRSYNC_REMOTE_PAUSE_")}
             hello, _ = await client.call("hello", {"rsync_path": remote.profile.rsync_path,
+                                                   "keepalive": keepalive_interval(idle),
                                                    "test_env": {"USRSYNC_" + k: v for k, v in test_env.items()}},
                                          Hello)
             base, _ = await client.call("check_base", {"base_dir": remote.profile.base_dir}, BaseInfo)
@@ -133,11 +144,12 @@ class RemoteSession:
         return {"base_dir": self.base.base_dir, "dataset": dataset, **extra}
 
     async def manifest(self, dataset: str, algo: str, *, jobs: int, use_cache: bool,
-                       hash_sections: set[str] | None = None, trusted: dict[str, list] | None = None) -> Manifest:
+                       hash_sections: set[str] | None = None, trusted: dict[str, list] | None = None,
+                       progress: HashProgress | None = None) -> Manifest:
         args = self._args(dataset, algo=algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
-                          trusted=trusted)
-        reply, entries = await self.client.call("manifest", args, ManifestReply, Entry)
+                          trusted=trusted, progress=progress is not None)
+        reply, entries = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
         if reply.count != len(entries) or reply.algo != algo:
             raise RemoteError("the remote manifest is incomplete", "rerun the command")
         validate_remote_entries(entries)
@@ -148,9 +160,11 @@ class RemoteSession:
         return EventsLines(digests=digests, partial=reply.partial)
 
     async def lock(self, dataset: str, txid: str, *, timeout: float, wait: float) -> LockReply:
+        args = self._args(dataset, txid=txid, timeout=timeout, wait=wait)
+        if os.environ.get("USRSYNC_REMOTE_NO_FLOCK") == "1":
+            args["no_flock"] = True  # tests: behave like a Lustre/NFS mount without flock
         try:
-            reply, _ = await self.client.call("lock", self._args(dataset, txid=txid, timeout=timeout, wait=wait),
-                                              LockReply)
+            reply, _ = await self.client.call("lock", args, LockReply)
         except AgentCallError as exc:
             if exc.agent_kind == "locked":
                 raise LockedError(
@@ -178,8 +192,15 @@ class RemoteSession:
         reply, _ = await self.client.call("verify", args, VerifyReply)
         return reply
 
-    async def promote(self, dataset: str, txid: str) -> str:
-        reply, _ = await self.client.call("promote", self._args(dataset, txid=txid), PromoteReply)
+    async def promote(self, dataset: str, txid: str, *, wait: float) -> str:
+        """Swap staging in; a USR writer holding the live dataset's `.usr.lock` gets `wait` s to finish."""
+        try:
+            reply, _ = await self.client.call("promote", self._args(dataset, txid=txid, wait=wait), PromoteReply)
+        except AgentCallError as exc:
+            if exc.agent_kind == "locked":
+                raise LockedError(f"remote {self.remote.name!r}: {exc.agent_message}",
+                                  "wait for that USR writer to finish or pass --wait SECONDS") from None
+            raise
         return reply.method
 
     async def cleanup(self, dataset: str, txid: str) -> None:
@@ -198,3 +219,10 @@ class RemoteSession:
 
     async def close(self) -> None:
         await self.transport.close()
+
+
+async def _start_agent(transport: Transport, nonce: str, local: bool) -> tuple[Any, Any]:
+    reader, writer = await transport.start_agent(nonce)
+    if local:  # the SSH transport waits for the sentinel itself (it may deploy and retry)
+        await await_sentinel(reader, nonce)
+    return reader, writer

@@ -7,6 +7,7 @@ by an atomic promotion of a fully verified staging tree.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections.abc import Callable
@@ -25,14 +26,15 @@ from usrsync.dataset import EVENTS, local_dataset_dir
 from usrsync.errors import (
     EXIT_INTERRUPTED,
     InterruptedByUser,
+    LockedError,
     RemoteError,
     TransferError,
     UsrError,
     VerificationError,
 )
-from usrsync.manifest import Manifest, local_manifest
+from usrsync.manifest import HashProgress, Manifest, local_manifest
 from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
-from usrsync.locks import DatasetWriteLock, acquire_local_lock
+from usrsync.locks import acquire_local_lock
 from usrsync.session import RemoteSession, VerifyReply
 
 log = structlog.get_logger("usrsync")
@@ -56,7 +58,7 @@ class Hooks(msgspec.Struct, kw_only=True):
     """How the run talks to the person at the terminal (the CLI fills these in)."""
 
     confirm: Callable[[audit.AuditData, TransferPlan], bool] | None = None
-    hash_progress: Callable[[str, int, int], None] | None = None
+    hash_progress: Callable[[str, int, int, int, int], None] | None = None  # side, done, of totals
     transfer_progress: Callable[[int, int, int], None] | None = None
 
 
@@ -114,12 +116,16 @@ class Run:
         """Run to the end; the audit is written (and archived) whatever happens, Ctrl-C included."""
         exit_code = 0
         interrupted = False
+        started = time.monotonic()
         try:
             exit_code = await self._run()
         except UsrError as exc:
             exit_code = self._fail(exc.kind, exc.message, exc.hint, exc.exit_code)
         except (asyncssh.Error, ConnectionError, asyncio.IncompleteReadError) as exc:
             exit_code = self._fail("remote", f"the connection to {self.remote.display_host} was lost ({exc})",
+                                   "rerun the same command: nothing was promoted half-way", RemoteError.exit_code)
+        except asyncio.TimeoutError:  # a single agent call outlived session.CALL_TIMEOUT
+            exit_code = self._fail("remote", f"the remote agent on {self.remote.display_host} did not finish a call",
                                    "rerun the same command: nothing was promoted half-way", RemoteError.exit_code)
         except (KeyboardInterrupt, asyncio.CancelledError):
             interrupted = True
@@ -130,6 +136,10 @@ class Run:
             self.data.finished_at = audit.utc_now()
             doc = audit.AuditDocument(usr_output_version=audit.OUTPUT_VERSION, data=self.data)
             self._save(doc)
+        t = self.data.transfer
+        self.log.info("finished", transfer_state=self.data.transfer_state, exit_code=exit_code, files=t.files,
+                      bytes=t.bytes, deleted=t.deleted, transfer_seconds=t.seconds, in_sync=self.data.post.in_sync,
+                      seconds=round(time.monotonic() - started, 3), warnings=self.data.warnings)
         if interrupted:
             raise KeyboardInterrupt
         return doc, exit_code
@@ -173,6 +183,9 @@ class Run:
         self.log.info("compared", changed=cmp.changed_sections())
 
         if self.action == "diff":
+            if not (cmp.local_exists or cmp.remote_exists):  # a typo must not pass a gate as "up to date"
+                raise UsrError(f"dataset {self.dataset!r} exists neither here nor on remote {self.remote.name!r}",
+                               "check the dataset id and the remote's base_dir (`usr remotes show NAME`)")
             self.data.transfer_state = "DIFF-ONLY"
             self.data.post = audit.PostReport(verified=False, in_sync=not cmp.changed)
             return 0
@@ -238,9 +251,9 @@ class Run:
 
     # --- manifests ---------------------------------------------------------------------------
 
-    def _hash_progress(self, side: str):
+    def _hash_progress(self, side: str) -> HashProgress | None:
         hook = self.hooks.hash_progress
-        return (lambda files, nbytes: hook(side, files, nbytes)) if hook else None
+        return functools.partial(hook, side) if hook else None
 
     async def _local_manifest(self, policy: Policy, trusted: dict[str, list] | None = None) -> Manifest:
         return await asyncio.to_thread(
@@ -252,7 +265,7 @@ class Run:
         assert self.session is not None
         return await self.session.manifest(self.dataset, self.algo, jobs=self.options.jobs,
                                            use_cache=self.options.use_cache, hash_sections=policy.hashed_sections(),
-                                           trusted=trusted)
+                                           trusted=trusted, progress=self._hash_progress("remote"))
 
     async def _manifests(self, policy: Policy) -> tuple[Manifest, Manifest]:
         started = time.monotonic()
@@ -329,7 +342,8 @@ class Run:
         if result.exit_code != 0:
             tail = result.stderr_tail.strip().splitlines()
             hint = "nothing was promoted; rerun the same command (use -v for rsync's messages)"
-            if "is your shell clean" in result.stderr_tail:
+            # Only system ssh hands rsync the shell's output; the asyncssh relay drops it.
+            if self.data.remote.transport == "openssh" and "is your shell clean" in result.stderr_tail:
                 hint = ("nothing was promoted; the remote login shell prints text for non-interactive sessions, "
                         'which breaks rsync over system ssh: set transport = "asyncssh" for remote '
                         f"{self.remote.name!r}, or silence the shell's startup files (~/.bashrc, ~/.profile) "
@@ -371,8 +385,9 @@ class Run:
             engine.checkpoint("after-rsync")
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
             result = await asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo)
-            self._check_verified(result.problems, "the staged copy")
+            # A source changed under rsync also fails verification: name that cause first.
             await self._source_unchanged(policy, remote, "remote")
+            self._check_verified(result.problems, "the staged copy")
             engine.checkpoint("after-verify")
             method = await asyncio.to_thread(promote_local, self.root, self.dataset, self.txid, self.options.wait)
             promoted = True
@@ -402,9 +417,9 @@ class Run:
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
             result = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                           algo=self.algo, staging=True)
-            self._check_verified(result.problems, "the remote staged copy")
             await self._source_unchanged(policy, local, "local")
-            method = await session.promote(self.dataset, self.txid)
+            self._check_verified(result.problems, "the remote staged copy")
+            method = await session.promote(self.dataset, self.txid, wait=self.options.wait)
             promoted = True
             self.data.transfer.promote = method
             self.log.info("promoted", method=method)
@@ -445,8 +460,12 @@ def _trusted(check: VerifyReply, expected: dict[str, list]) -> dict[str, list]:
 
 
 def promote_local(root: Path, dataset: str, txid: str, wait: float) -> str:
-    with DatasetWriteLock(local_dataset_dir(root, dataset), wait):
-        return engine.promote(str(root), dataset, txid)["method"]
+    try:
+        return engine.promote(str(root), dataset, txid, wait)["method"]
+    except engine.AgentError as exc:
+        if exc.kind == "locked":
+            raise LockedError(exc.message, "wait for that USR writer to finish or pass --wait SECONDS") from None
+        raise VerificationError(exc.message, "nothing was promoted; rerun the same command") from None
 
 
 async def run(action: Action, dataset: str, remote: Remote, root: Path, options: SyncOptions,
