@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import select
 import shutil
 import socket
 import stat
@@ -36,6 +38,7 @@ MAX_FRAME = 64 << 20  # compressed bytes on the wire
 MAX_FRAME_RAW = 256 << 20  # after decompression
 CHUNK_ENTRIES = 5000
 RACY_WINDOW_NS = 2 * 10**9  # git's racy-clean rule
+BREAK_GUARD_STALE = 30  # seconds after which a lock breaker's guard file is itself stale
 CACHE_FORMAT = 1
 FLAG_ZLIB = 1
 EXIT_AGENT_MISSING = 96  # loader exit codes: the orchestrator uploads and retries
@@ -55,6 +58,7 @@ RUNTIME_TOP_NAMES = {".usr.lock", ".events.lock", ".usr.transfer.lock"}
 RUNTIME_TOP_PREFIXES = (".usr.lease.", ".usrsync")
 # rsync's own temporary names: partial dirs and in-flight files (".name.XXXXXX")
 RUNTIME_ANY_NAMES = {".usrsync-partial", ".rsync-partial", "~tmp~"}
+_RUNTIME_ANY_RE = re.compile("|".join(re.escape(name) for name in sorted(RUNTIME_ANY_NAMES)))
 
 KIND_FILE = "file"
 KIND_SYMLINK = "symlink"
@@ -76,18 +80,17 @@ class AgentError(Exception):
 
 def classify(relpath):
     """Section of a dataset-relative POSIX path, or None for runtime files (never synced)."""
-    parts = relpath.split("/")
-    top = parts[0]
+    top, slash, _ = relpath.partition("/")
     if top in RUNTIME_TOP_NAMES or top.startswith(RUNTIME_TOP_PREFIXES):
         return None
-    for part in parts:
-        if part in RUNTIME_ANY_NAMES:
-            return None
-    if len(parts) == 1 and top in TOP_LEVEL_SECTIONS:
-        return TOP_LEVEL_SECTIONS[top]
-    if top == "_snapshots" and len(parts) > 1:
+    # Called per file per manifest: one substring scan rules out the runtime names first.
+    if _RUNTIME_ANY_RE.search(relpath) and not RUNTIME_ANY_NAMES.isdisjoint(relpath.split("/")):
+        return None
+    if not slash:
+        return TOP_LEVEL_SECTIONS.get(top, AUXILIARY)
+    if top == "_snapshots":
         return SNAPSHOTS
-    if top == "_derived" and len(parts) > 1:
+    if top == "_derived":
         return DERIVED
     return AUXILIARY
 
@@ -227,6 +230,7 @@ class HashCache(object):
         self.path = os.path.join(cache_dir, "hashes", name.hexdigest()[:32] + ".json")
         self.old = {}
         self.new = {}
+        self.dirty = False
         self.loaded_ok = False
         try:
             with open(self.path, "rb") as handle:
@@ -248,15 +252,22 @@ class HashCache(object):
         return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def get(self, relpath, st):
+        """The cached digest when the whole key matches; the entry is then kept for save()."""
         hit = self.old.get(relpath)
-        if isinstance(hit, list) and len(hit) == 5 and hit[:4] == self.key(st) and isinstance(hit[4], str):
+        # Field by field, no lists built: this runs once per file on every no-op scan.
+        if (type(hit) is list and len(hit) == 5 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns
+                and hit[2] == st.st_ctime_ns and hit[3] == st.st_ino and isinstance(hit[4], str)):
+            self.new[relpath] = hit
             return hit[4]
         return None
 
     def put(self, relpath, st, digest):
         self.new[relpath] = self.key(st) + [digest]
+        self.dirty = True
 
     def save(self):
+        if not self.dirty and len(self.new) == len(self.old):
+            return  # every entry came back unchanged (get() kept them): the file is current
         doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo, "entries": self.new}
         try:
             atomic_write(self.path, json.dumps(doc, separators=(",", ":")).encode("utf-8"), mode=0o600)
@@ -294,28 +305,29 @@ def makedirs(path, mode=0o755):
 # --- scanning and manifests ----------------------------------------------------------
 
 
-def _walk(root, prefix=""):
-    """Yield (relpath, lstat) for every non-directory below root, skipping runtime files."""
+def _walk(root, out, prefix=""):
+    """Append (relpath, lstat) of every non-directory below root to `out`, skipping runtime files."""
     try:
         entries = list(os.scandir(os.path.join(root, prefix) if prefix else root))
     except FileNotFoundError:
         return
     for entry in entries:
-        rel = prefix + entry.name
-        if classify(rel) is None:
+        name = entry.name
+        # The same rule as classify(), one component at a time: the parents already passed.
+        if name in RUNTIME_ANY_NAMES or not prefix and (name in RUNTIME_TOP_NAMES
+                                                        or name.startswith(RUNTIME_TOP_PREFIXES)):
             continue
         st = entry.stat(follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            for item in _walk(root, rel + "/"):
-                yield item
+            _walk(root, out, prefix + name + "/")
         else:
-            yield rel, st
+            out.append((prefix + name, st))
 
 
 def _kind(rel, st):
     try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError:
+        os.fsencode(rel).decode("utf-8")
+    except UnicodeDecodeError:
         return KIND_BADNAME
     if stat.S_ISREG(st.st_mode):
         return KIND_FILE
@@ -324,26 +336,40 @@ def _kind(rel, st):
     return KIND_SPECIAL
 
 
+def fs_path(root, rel):
+    """The OS path of a UTF-8 relpath from a manifest, in this interpreter's filesystem encoding."""
+    return os.path.join(root, os.fsdecode(rel.encode("utf-8")))
+
+
 def scan(root):
     """Sorted (relpath, kind, lstat) of a dataset dir, runtime files left out."""
+    found = []
+    _walk(root, found)
+    isascii = getattr(str, "isascii", None)  # Python >= 3.7
     items = []
-    for rel, st in _walk(root):
-        kind = _kind(rel, st)
-        if kind == KIND_BADNAME:
-            rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    for rel, st in found:
+        if isascii is not None and isascii(rel):  # the common case: nothing to re-encode
+            mode = st.st_mode
+            kind = KIND_FILE if stat.S_ISREG(mode) else KIND_SYMLINK if stat.S_ISLNK(mode) else KIND_SPECIAL
+        else:
+            kind = _kind(rel, st)
+            # Relpaths are UTF-8 text whatever the locale (Python 3.6 under LANG=C decodes names
+            # as ASCII); a name that is not UTF-8 is shown with backslash escapes.
+            rel = os.fsencode(rel).decode("utf-8", "backslashreplace")
         items.append((rel, kind, st))
     items.sort(key=lambda item: item[0])
     return items
 
 
 def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sections=None,
-                   trusted=None, progress=None):
+                   trusted=None, progress=None, progress_start=None):
     """Manifest entries [path, section, size, mtime_ns, kind, digest, lines], sorted by path.
 
     `hash_sections`: sections whose files are hashed (default all); others get digest "".
-    `trusted`: {relpath: [inode, digest]} known-good digests of files this run just
+    `trusted`: {relpath: [inode, size, mtime_ns, digest]} known-good digests of files this run just
     verified or hard-linked, reused when the inode, size and mtime still match.
-    `progress(files, bytes)` is called after each hashed file.
+    `progress_start(files, bytes)` is called once with what is about to be hashed (only when
+    something is), `progress(files, bytes)` after each hashed file.
     """
     scan_start = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
     cache = HashCache(cache_dir or default_cache_dir(), root, algo) if use_cache else None
@@ -358,14 +384,16 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
         if section == EVENTS:
             to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
             continue
-        digest = cache.get(rel, st) if cache is not None else None
-        if digest is None and trusted:
+        # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
+        racy = st.st_mtime_ns >= scan_start - RACY_WINDOW_NS
+        digest = cache.get(rel, st) if cache is not None and not racy else None
+        if digest is None and trusted and not racy:
             known = trusted.get(rel)
-            if known and known[0] == st.st_ino:
-                digest = known[1]
+            if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
+                digest = known[3]
         if digest is not None:
             entry[5] = digest
-            if cache is not None:
+            if cache is not None and rel not in cache.new:  # a cache hit is already kept
                 cache.put(rel, st, digest)
         else:
             to_hash.append((entry, st, True))
@@ -375,7 +403,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
 
     def work(job):
         entry, st, cacheable = job
-        digest, nbytes, lines = hash_file(os.path.join(root, entry[0]), algo, count_lines=entry[1] == EVENTS)
+        digest, nbytes, lines = hash_file(fs_path(root, entry[0]), algo, count_lines=entry[1] == EVENTS)
         entry[5] = digest
         entry[6] = lines
         if nbytes != st.st_size:
@@ -392,6 +420,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 progress(done[0], done[1])
 
     if to_hash:
+        if progress_start is not None:
+            progress_start(len(to_hash), sum(st.st_size for _, st, _ in to_hash))
         if jobs <= 1 or len(to_hash) == 1:
             for job in to_hash:
                 work(job)
@@ -455,8 +485,13 @@ class Lock(object):
         """(info dict or None, heartbeat age in seconds or None) of the current holder."""
         try:
             fd = open_nofollow(self.path)
-        except OSError:
-            return None, None
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None, None
+            try:  # a symlink or unreadable file in its place: only its age counts (stale breaks it)
+                return None, max(0.0, _now() - os.lstat(self.path).st_mtime)
+            except OSError:
+                return None, None
         try:
             st = os.fstat(fd)
             data = os.read(fd, 65536)
@@ -477,15 +512,17 @@ class Lock(object):
             fd = os.open(self.path, flags, 0o644)
         except FileExistsError:
             return False
-        os.write(fd, json.dumps(self.info()).encode("utf-8"))
-        os.fsync(fd)
+        info = self.info()
         if self.use_flock:
             try:
                 import fcntl
 
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                info["flock"] = True  # contenders may read a free flock as our death
             except (ImportError, OSError):
                 pass  # Lustre/NFS without flock: O_EXCL and the heartbeat still hold
+        os.write(fd, json.dumps(info).encode("utf-8"))
+        os.fsync(fd)
         self.fd = fd
         return True
 
@@ -494,10 +531,12 @@ class Lock(object):
             return False
         if age > self.timeout:
             return True
-        if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-            if not _pid_alive(info["pid"]):
-                return True
-        if self.use_flock and age > 2:  # a fresh file may not have its flock yet
+        here = bool(info) and info.get("host") == socket.gethostname()
+        if here and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+            return True
+        # A free flock proves death (e.g. a reused pid) only for a holder on this host that
+        # took one: cluster filesystems hide other nodes' flocks (Lustre localflock) or lack flock.
+        if self.use_flock and here and info.get("flock") is True and age > 2:
             try:
                 import fcntl
 
@@ -505,8 +544,8 @@ class Lock(object):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return True  # nobody holds it: the holder died
-                except OSError as exc:
-                    return exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+                except OSError:
+                    return False  # held, or no flock here: only the heartbeat decides
                 finally:
                     os.close(fd)
             except (ImportError, OSError):
@@ -523,18 +562,42 @@ class Lock(object):
             info, age = self.holder()
             if info is not None or age is not None:
                 if self._holder_dead(info, age):
-                    aside = "%s.stale.%s" % (self.path, self.txid)
-                    try:
-                        os.rename(self.path, aside)
-                        os.unlink(aside)
-                        self.broken = {"holder": info, "age_seconds": round(age, 1)}
-                    except OSError:
-                        pass
+                    self._break(info)
                     continue
             if _now() >= deadline:
                 raise AgentError("locked", "locked by %s" % describe_holder(info), holder=info)
             time.sleep(min(delay, max(0.0, deadline - _now())))
             delay = min(delay * 2, 1.0)
+
+    def _break(self, judged):
+        """Remove a dead holder's lock, under a guard so two breakers cannot both win.
+
+        Without the guard, a second breaker that judged the same dead holder could move
+        aside the fresh lock the first breaker has just created.
+        """
+        guard = self.path + ".break"
+        try:
+            fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            try:  # a breaker that died mid-break must not block everyone forever
+                if _now() - os.lstat(guard).st_mtime > BREAK_GUARD_STALE:
+                    os.unlink(guard)
+            except OSError:
+                pass
+            time.sleep(0.05)
+            return
+        try:
+            info, age = self.holder()
+            if info == judged and self._holder_dead(info, age):
+                aside = "%s.stale.%s" % (self.path, self.txid)
+                os.rename(self.path, aside)
+                os.unlink(aside)
+                self.broken = {"holder": info, "age_seconds": round(age, 1)}
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            os.unlink(guard)
 
     def _start_heartbeat(self):
         interval = max(0.5, min(30.0, self.timeout / 4.0))
@@ -542,13 +605,18 @@ class Lock(object):
         def beat():
             while not self._stop.wait(interval):
                 try:
-                    os.utime(self.path)
+                    self.touch()
                 except OSError:
                     return
 
         self._thread = threading.Thread(target=beat, name="usrsync-heartbeat")
         self._thread.daemon = True
         self._thread.start()
+
+    def touch(self):
+        """Refresh the heartbeat of the file we created, through our fd: a symlink planted at
+        the path must not make us touch its target, nor refresh a lock that is no longer ours."""
+        os.utime(self.fd if self.fd is not None and os.utime in os.supports_fd else self.path)
 
     def release(self):
         self._stop.set()
@@ -605,11 +673,11 @@ def stage(base_dir, dataset, txid, link):
         reason = unsafe_path_reason(rel)
         if reason:
             raise AgentError("unsafe_path", "refusing to stage %r: %s" % (rel, reason))
-        src = os.path.join(live, *rel.split("/"))
+        src = fs_path(live, rel)
         st = os.lstat(src)
         if not stat.S_ISREG(st.st_mode):
             raise AgentError("unsafe_path", "refusing to stage %r: not a regular file" % rel)
-        dst = os.path.join(staging, *rel.split("/"))
+        dst = fs_path(staging, rel)
         makedirs(os.path.dirname(dst))
         os.link(src, dst, follow_symlinks=False)
         linked += 1
@@ -622,14 +690,16 @@ def verify_tree(root, expected, reread, algo):
     `expected`: {relpath: [size, digest]} for every file the tree must hold (nothing else);
     `reread`: relpaths whose bytes are read again and hashed (never from a cache).
     Returns {"problems": [[relpath, reason]...] (empty when the tree is right), "checked",
-    "bytes" (files and bytes reread), "inodes": {relpath: inode}}.
+    "bytes" (files and bytes reread), "stats": {relpath: [inode, size, mtime_ns]}}.
     """
+    if not stat.S_ISDIR(os.lstat(root).st_mode):  # e.g. a symlink planted in place of staging
+        return {"problems": [[".", "not a directory"]], "checked": 0, "bytes": 0, "stats": {}}
     problems = []
     seen = set()
-    inodes = {}
+    stats = {}
     for rel, kind, st in scan(root):
         seen.add(rel)
-        inodes[rel] = st.st_ino
+        stats[rel] = [st.st_ino, st.st_size, st.st_mtime_ns]
         if kind != KIND_FILE:
             problems.append([rel, "not a regular file (%s)" % kind])
         elif rel not in expected:
@@ -644,13 +714,13 @@ def verify_tree(root, expected, reread, algo):
     for rel in reread:
         if rel in bad:
             continue
-        digest, n, _ = hash_file(os.path.join(root, *rel.split("/")), algo)
+        digest, n, _ = hash_file(fs_path(root, rel), algo)
         checked += 1
         nbytes += n
         if digest != expected[rel][1]:
             problems.append([rel, "content differs from the source manifest"])
     problems.sort()
-    return {"problems": problems, "checked": checked, "bytes": nbytes, "inodes": inodes}
+    return {"problems": problems, "checked": checked, "bytes": nbytes, "stats": stats}
 
 
 RENAME_EXCHANGE = 2
@@ -700,33 +770,67 @@ def journal_path(base_dir, dataset, txid):
     return state_dir(base_dir, "journal", "%s.%s.json" % (dataset_key(dataset), txid))
 
 
-def promote(base_dir, dataset, txid):
+def hold_usr_lock(root, wait):
+    """flock USR's own `<dataset>/.usr.lock`, if the dataset has one, so a USR writer there
+    finishes before we swap trees; waits up to `wait` s. Returns the fd to close, or None."""
+    path = os.path.join(root, ".usr.lock")
+    try:
+        fd = open_nofollow(path)
+    except FileNotFoundError:
+        return None
+    except OSError:  # e.g. a symlink planted there (ELOOP): never lock, or touch, its target
+        raise AgentError("unsafe_path", "refusing to promote: %s is not a regular file" % path)
+    import fcntl
+
+    deadline = _now() + max(0.0, wait)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return fd  # no flock on this filesystem: USR's writers cannot hold it either
+        if _now() >= deadline:
+            os.close(fd)
+            raise AgentError("locked", "a USR writer holds %s" % path, path=path)
+        time.sleep(0.1)
+
+
+def promote(base_dir, dataset, txid, wait=0.0):
     """Make the staging dir the live dataset in one atomic step; remove the old tree.
 
     A journal records the transaction first, so a crash at any point is repaired by
-    `recover()`: the live path always holds the old or the new tree.
+    `recover()`: the live path always holds the old or the new tree. A USR writer holding
+    the live `.usr.lock` gets `wait` seconds to finish first.
     """
     live = dataset_dir(base_dir, dataset)
     staging = staging_path(base_dir, dataset, txid)
     backup = staging + ".old"
     journal = journal_path(base_dir, dataset, txid)
-    record = {"live": live, "staging": staging, "backup": backup, "txid": txid}
-    atomic_write(journal, json.dumps(record).encode("utf-8"))
-    checkpoint("mid-promote")
-    if not os.path.lexists(live):
-        makedirs(os.path.dirname(live))
-        os.rename(staging, live)
-        method = "rename"
-    else:
-        try:
-            exchange(staging, live)
-            method = "exchange"
-        except OSError:
-            # Journaled rename pair: between the two renames the live path is absent,
-            # and recover() puts the backup back if we die there.
-            os.rename(live, backup)
+    if not stat.S_ISDIR(os.lstat(staging).st_mode):  # a symlink planted there must never go live
+        raise AgentError("unsafe_path", "refusing to promote %s: not a directory" % staging)
+    usr_lock = hold_usr_lock(live, wait) if os.path.isdir(live) and not os.path.islink(live) else None
+    try:
+        record = {"live": live, "staging": staging, "backup": backup, "txid": txid}
+        atomic_write(journal, json.dumps(record).encode("utf-8"))
+        checkpoint("mid-promote")
+        if not os.path.lexists(live):
+            makedirs(os.path.dirname(live))
             os.rename(staging, live)
-            method = "rename-pair"
+            method = "rename"
+        else:
+            try:
+                exchange(staging, live)
+                method = "exchange"
+            except OSError:
+                # Journaled rename pair: between the two renames the live path is absent,
+                # and recover() puts the backup back if we die there.
+                os.rename(live, backup)
+                os.rename(staging, live)
+                method = "rename-pair"
+    finally:
+        if usr_lock is not None:
+            os.close(usr_lock)
     checkpoint("after-promote")
     for leftover in (staging, backup):
         if os.path.lexists(leftover):
@@ -753,10 +857,10 @@ def remove_tree(path):
 def recover(base_dir, dataset):
     """Repair what a crashed run of this dataset left: journals, staging dirs. Lock held."""
     repaired = []
-    key = dataset_key(dataset) + "."
+    key = dataset_key(dataset)
     journal_dir = state_dir(base_dir, "journal")
     for name in sorted(_listdir(journal_dir)):
-        if not name.startswith(key):
+        if not _owned_by(name, key):
             continue
         path = os.path.join(journal_dir, name)
         try:
@@ -775,10 +879,27 @@ def recover(base_dir, dataset):
         repaired.append("removed journal %s" % name)
     staging_dir = state_dir(base_dir, "staging")
     for name in sorted(_listdir(staging_dir)):
-        if name.startswith(key):
+        if _owned_by(name, key):
             remove_tree(os.path.join(staging_dir, name))
             repaired.append("removed leftover staging %s" % name)
+    tmp_dir = state_dir(base_dir, "tmp")  # the orchestrator's rsync file lists
+    for name in sorted(_listdir(tmp_dir)):
+        if _owned_by(name, key) and name.endswith(".files"):
+            os.unlink(os.path.join(tmp_dir, name))
+            repaired.append("removed leftover file list %s" % name)
     return repaired
+
+
+def _owned_by(name, key):
+    """Whether a staging/journal/tmp name is `<key>.<txid>[.old|.json[.tmp.*]|.files]` for this dataset.
+
+    Keys may contain dots (datasets `a` and `a.v2`), txids do not: a prefix test alone
+    would let one dataset's recovery delete another's in-flight staging.
+    """
+    if not name.startswith(key + "."):
+        return False
+    txid, _, rest = name[len(key) + 1:].partition(".")
+    return bool(txid) and (rest in ("", "old", "json", "files") or rest.startswith("json.tmp."))
 
 
 def _listdir(path):
@@ -792,13 +913,17 @@ def _listdir(path):
 
 
 def checkpoint(phase):
+    """Pause USRSYNC_PAUSE_SECONDS, or until the test deletes USRSYNC_PAUSE_FILE (a release
+    that does not depend on how fast a loaded machine gets there)."""
     if os.environ.get("USRSYNC_PAUSE_AT") != phase:
         return
     marker = os.environ.get("USRSYNC_PAUSE_FILE")
     if marker:
         with open(marker, "w") as handle:
             handle.write("%s %d\n" % (phase, os.getpid()))
-    time.sleep(float(os.environ.get("USRSYNC_PAUSE_SECONDS", "60")))
+    deadline = time.time() + float(os.environ.get("USRSYNC_PAUSE_SECONDS", "60"))
+    while time.time() < deadline and (not marker or os.path.exists(marker)):
+        time.sleep(min(0.05, max(0.0, deadline - time.time())))
 
 
 # --- environment facts -----------------------------------------------------------------
@@ -844,12 +969,13 @@ def list_datasets(base_dir):
             root = os.path.join(base, *dataset.split("/"))
             if not os.path.isfile(os.path.join(root, "records.parquet")):
                 continue
-            items = scan(root)
+            # Regular files only, as a sync counts them: symlinks and specials are never transferred.
+            files = [st for _, kind, st in scan(root) if kind == KIND_FILE]
             found.append({
                 "dataset": dataset,
-                "files": len(items),
-                "bytes": sum(st.st_size for _, _, st in items),
-                "last_change_ns": max([st.st_mtime_ns for _, _, st in items] or [0]),
+                "files": len(files),
+                "bytes": sum(st.st_size for st in files),
+                "last_change_ns": max([st.st_mtime_ns for st in files] or [0]),
             })
     return found
 
@@ -890,7 +1016,10 @@ def read_frame(stream):
         return None
     if flags & FLAG_ZLIB:
         inflater = zlib.decompressobj()
-        body = inflater.decompress(body, MAX_FRAME_RAW)
+        try:
+            body = inflater.decompress(body, MAX_FRAME_RAW)
+        except zlib.error:
+            raise ValueError("corrupt compressed frame")
         if inflater.unconsumed_tail:
             raise AgentError("frame_too_large", "frame inflates past the limit")
     return json.loads(body.decode("utf-8"))
@@ -899,14 +1028,65 @@ def read_frame(stream):
 # --- the agent's RPC server --------------------------------------------------------------
 
 
+class _Keepalive(object):
+    """Sends a progress frame every `interval` s while a call runs: to the orchestrator,
+    silence then means a hung or broken agent, not a long manifest."""
+
+    def __init__(self, agent, rid, interval):
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(agent, rid, interval), name="usrsync-keepalive")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self, agent, rid, interval):
+        while not self._done.wait(interval):
+            try:
+                agent.send({"id": rid, "type": "progress"})
+            except (OSError, ValueError):
+                return
+
+    def stop(self):
+        """No progress frame is sent after this returns (the result must come last)."""
+        self._done.set()
+        self._thread.join()
+
+
+class _HashProgress(object):
+    """Hashing progress as progress frames carrying [files, bytes, total_files, total_bytes]:
+    the start and the last file always, in between at most every `interval` s."""
+
+    def __init__(self, agent, rid, interval=0.2):
+        self._agent = agent
+        self._rid = rid
+        self._interval = interval
+        self._totals = [0, 0]
+        self._sent = 0.0
+
+    def start(self, files, nbytes):
+        self._totals = [files, nbytes]
+        self._send(0, 0)
+
+    def update(self, files, nbytes):  # called under build_manifest's lock
+        if files >= self._totals[0] or time.monotonic() - self._sent >= self._interval:
+            self._send(files, nbytes)
+
+    def _send(self, files, nbytes):
+        self._sent = time.monotonic()
+        self._agent.send({"id": self._rid, "type": "progress", "progress": [files, nbytes] + self._totals})
+
+
 class Agent(object):
     def __init__(self, out):
         self.out = out
         self.locks = {}
+        self.keepalive = 30.0  # seconds between progress frames; the orchestrator sets it in hello
+        self._send_lock = threading.Lock()
 
     def send(self, obj, compress=False):
-        self.out.write(encode_frame(obj, compress))
-        self.out.flush()
+        data = encode_frame(obj, compress)
+        with self._send_lock:  # the keepalive thread writes too
+            self.out.write(data)
+            self.out.flush()
 
     def call_hello(self, args):
         for key, value in (args.get("test_env") or {}).items():
@@ -944,11 +1124,14 @@ class Agent(object):
         entries = []
         if exists:
             hash_sections = args.get("hash_sections")
+            report = _HashProgress(self, rid) if args.get("progress") else None
             entries = build_manifest(
                 root, args["algo"], jobs=int(args.get("jobs", 2)),
                 use_cache=bool(args.get("cache", True)),
                 hash_sections=set(hash_sections) if hash_sections is not None else None,
                 trusted=args.get("trusted"),
+                progress=report.update if report else None,
+                progress_start=report.start if report else None,
             )
         for i in range(0, len(entries), CHUNK_ENTRIES):
             self.send({"id": rid, "type": "chunk", "items": entries[i:i + CHUNK_ENTRIES]}, compress=True)
@@ -982,7 +1165,7 @@ class Agent(object):
         lock = self.locks.get(args["txid"])
         if lock is None:
             raise AgentError("not_locked", "no lock held for txid %s" % args["txid"])
-        os.utime(lock.path)
+        lock.touch()
         return {"ok": True}
 
     def call_recover(self, args):
@@ -1000,7 +1183,7 @@ class Agent(object):
         return verify_tree(root, args["expected"], args.get("reread", []), args["algo"])
 
     def call_promote(self, args):
-        return promote(args["base_dir"], args["dataset"], args["txid"])
+        return promote(args["base_dir"], args["dataset"], args["txid"], float(args.get("wait", 0)))
 
     def call_cleanup(self, args):
         staging = staging_path(args["base_dir"], args["dataset"], args["txid"])
@@ -1031,7 +1214,15 @@ class Agent(object):
             if method is None:
                 raise AgentError("unknown_call", "unknown call %r" % name)
             args = request.get("args") or {}
-            result = method(args, rid) if name in self.STREAMING else method(args)
+            if not isinstance(args, dict):
+                raise AgentError("bad_request", "malformed request arguments")
+            if name == "hello" and args.get("keepalive"):
+                self.keepalive = max(0.05, float(args["keepalive"]))
+            keepalive = _Keepalive(self, rid, self.keepalive)
+            try:
+                result = method(args, rid) if name in self.STREAMING else method(args)
+            finally:
+                keepalive.stop()
             self.send({"id": rid, "type": "result", "result": result})
         except AgentError as exc:
             self.send({"id": rid, "type": "error",
@@ -1051,6 +1242,7 @@ def serve(nonce):
     out.write(("%s %s %s\n" % (SENTINEL, AGENT_VERSION, nonce)).encode("ascii"))
     out.flush()
     agent = Agent(out)
+    watch_session(agent)
     stdin = sys.stdin.buffer
     try:
         while True:
@@ -1071,6 +1263,37 @@ def serve(nonce):
         return 0
     finally:
         agent.release_all()
+
+
+def watch_session(agent):
+    """Exit as soon as the session is gone, even in the middle of a call.
+
+    Nobody can read the answer any more, and an agent must never outlive its SSH session on a
+    login node (a manifest of a huge tree could hash on for hours, holding the dataset's lock).
+    The session's end shows as POLLERR/POLLHUP on our stdout: its reader closed it.
+    """
+    if not hasattr(select, "poll"):
+        return
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    poller = select.poll()
+    poller.register(fd, 0)  # error conditions are always reported
+
+    def watch():
+        while not poller.poll():
+            pass
+        try:
+            agent.release_all()
+        except Exception:  # noqa: BLE001 - the main thread may be releasing them too
+            pass
+        finally:
+            os._exit(0)
+
+    thread = threading.Thread(target=watch, name="usrsync-session-watch")
+    thread.daemon = True
+    thread.start()
 
 
 def main(argv):

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -17,6 +18,9 @@ HEADER = struct.Struct(">IB")
 MAX_FRAME = engine.MAX_FRAME
 MAX_FRAME_RAW = engine.MAX_FRAME_RAW
 MAX_BANNER = 1 << 20  # login banners before the sentinel
+# Items one streamed reply may hold (manifest entries, .events.log lines): millions of files
+# are normal, an endless stream is not; memory stays bounded whatever the remote sends.
+MAX_CALL_ITEMS = 10_000_000
 T = TypeVar("T")
 
 
@@ -28,10 +32,11 @@ class ErrorBody(msgspec.Struct):
 
 class Frame(msgspec.Struct):
     id: int | None
-    type: Literal["chunk", "result", "error"]
+    type: Literal["chunk", "result", "error", "progress"]  # progress: the agent's keepalive
     items: list[Any] | None = None
     result: Any = None
     error: ErrorBody | None = None
+    progress: list[int] | None = None  # hashing: [files, bytes, total_files, total_bytes]
 
 
 class AgentCallError(RemoteError):
@@ -62,9 +67,12 @@ def decode_body(header: bytes, body: bytes) -> Frame:
         except zlib.error as exc:
             raise ProtocolError(f"the remote agent sent a corrupt compressed frame ({exc})",
                                 "rerun; if it persists, check the remote with `usr remotes doctor`") from None
-        if inflater.unconsumed_tail:
+        if inflater.unconsumed_tail or (not inflater.eof and len(body) >= MAX_FRAME_RAW):
             raise ProtocolError("the remote agent sent a frame that inflates past the limit",
                                 "the remote is misbehaving; inspect it before syncing again")
+        if not inflater.eof or inflater.unused_data:  # cut short (no checksum) or trailing bytes
+            raise ProtocolError("the remote agent sent a corrupt compressed frame (truncated or trailing data)",
+                                "rerun; if it persists, check the remote with `usr remotes doctor`")
     try:
         return msgspec.json.decode(body, type=Frame)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -86,11 +94,25 @@ async def read_frame(reader: Any) -> Frame:
     return decode_body(header, body)
 
 
-async def await_sentinel(reader: Any, nonce: str) -> str:
+AGENT_START_TIMEOUT = 120.0  # a cold login node can take long to start Python; never forever
+
+
+async def await_sentinel(reader: Any, nonce: str, timeout: float = AGENT_START_TIMEOUT) -> str:
     """Skip login-shell noise until `USRSYNC-AGENT <version> <nonce>`; return the version."""
+    try:
+        return await asyncio.wait_for(_sentinel(reader, nonce), timeout)
+    except asyncio.TimeoutError:
+        raise RemoteError(f"the remote agent did not start within {timeout:g} s",
+                          "run `usr remotes doctor --remote NAME`; check the remote's load and startup files") from None
+
+
+async def _sentinel(reader: Any, nonce: str) -> str:
     seen = 0
     while seen <= MAX_BANNER:
-        line = await reader.readline()
+        try:
+            line = await reader.readline()
+        except ValueError:  # asyncio.StreamReader: a line longer than its limit
+            break
         if not line:
             raise RemoteError("the remote agent exited before it started",
                               "run `usr remotes doctor --remote NAME` to see why")
@@ -105,34 +127,52 @@ async def await_sentinel(reader: Any, nonce: str) -> str:
 class AgentClient:
     """Sequential calls to one agent over a byte stream pair (SSH channel or pipes)."""
 
-    def __init__(self, reader: Any, writer: Any, *, timeout: float | None = None):
+    def __init__(self, reader: Any, writer: Any, *, timeout: float | None = None, idle_timeout: float | None = None):
         self.reader = reader
         self.writer = writer
-        self.timeout = timeout
+        self.timeout = timeout  # per call, in total
+        self.idle_timeout = idle_timeout  # per frame: the agent sends progress frames while it works
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
 
-    async def call(self, name: str, args: dict[str, Any], result_type: type[T],
-                   chunk_type: Any = None) -> tuple[T, list[Any]]:
+    async def call(self, name: str, args: dict[str, Any], result_type: type[T], chunk_type: Any = None,
+                   on_progress: Callable[[int, int, int, int], None] | None = None) -> tuple[T, list[Any]]:
         async with self._lock:
-            return await asyncio.wait_for(self._call(name, args, result_type, chunk_type), self.timeout)
+            return await asyncio.wait_for(self._call(name, args, result_type, chunk_type, on_progress),
+                                          self.timeout)
 
-    async def _call(self, name, args, result_type, chunk_type):
+    async def _call(self, name, args, result_type, chunk_type, on_progress):
         rid = next(self._ids)
         self.writer.write(encode_request(rid, name, args))
         await _drain(self.writer)
         items: list[Any] = []
+        budget = MAX_CALL_ITEMS
         while True:
-            frame = await read_frame(self.reader)
+            try:
+                frame = await asyncio.wait_for(read_frame(self.reader), self.idle_timeout)
+            except asyncio.TimeoutError:
+                raise RemoteError(f"the remote agent sent nothing for {self.idle_timeout:g} s during {name}",
+                                  "the remote may be hung or overloaded; rerun, or raise agent_timeout "
+                                  "in the remote profile") from None
             if frame.id != rid:
                 if frame.type == "error" and frame.error is not None and frame.id is None:
                     raise AgentCallError(name, frame.error)
                 raise ProtocolError(f"the remote agent answered call {frame.id}, expected {rid}",
                                     "rerun; if it persists, check the remote with `usr remotes doctor`")
+            if frame.type == "progress":
+                counts = frame.progress
+                # Only a display hint: a malformed one is dropped, never trusted for anything.
+                if on_progress is not None and counts is not None and len(counts) == 4 and min(counts) >= 0:
+                    on_progress(*counts)
+                continue
             if frame.type == "chunk":
                 if chunk_type is None or frame.items is None:
                     raise ProtocolError(f"the remote agent streamed data for {name}",
                                         "rerun to redeploy the agent")
+                budget -= max(1, len(frame.items))  # empty chunks count: an endless stream ends
+                if budget < 0:
+                    raise ProtocolError(f"the remote agent streamed over {MAX_CALL_ITEMS} items for {name}",
+                                        "the remote is misbehaving; inspect it before syncing again")
                 try:
                     items.extend(msgspec.convert(frame.items, list[chunk_type]))
                 except msgspec.ValidationError as exc:

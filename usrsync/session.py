@@ -70,7 +70,7 @@ class VerifyReply(msgspec.Struct):
     problems: list[tuple[str, str]]
     checked: int
     bytes: int
-    inodes: dict[str, int]
+    stats: dict[str, tuple[int, int, int]]  # relpath -> (inode, size, mtime_ns)
 
 
 class PromoteReply(msgspec.Struct):

@@ -455,8 +455,8 @@ def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: 
 
 
 def _trusted(check: VerifyReply, expected: dict[str, list]) -> dict[str, list]:
-    """Digests just proven for these inodes: the post-run manifest need not reread them."""
-    return {p: [ino, expected[p][1]] for p, ino in check.inodes.items() if p in expected and expected[p][1]}
+    """Digests just proven for these files: the post-run manifest need not reread them."""
+    return {p: [*stat, expected[p][1]] for p, stat in check.stats.items() if p in expected and expected[p][1]}
 
 
 def promote_local(root: Path, dataset: str, txid: str, wait: float) -> str:

@@ -150,8 +150,12 @@ class SshTransport(Transport):
             process = await self.exec(self._agent_command(path, digest, nonce))
             try:
                 await await_sentinel(process.stdout, nonce)
-            except RemoteError:
-                status = (await process.wait(check=False)).exit_status
+            except RemoteError as failure:
+                try:
+                    status = (await asyncio.wait_for(process.wait(check=False), 10)).exit_status
+                except asyncio.TimeoutError:  # still running but silent: not an agent we can use
+                    process.close()
+                    raise failure from None
                 stderr = (await process.stderr.read()).decode("utf-8", "replace").strip()
                 if attempt == 0 and status in (engine.EXIT_AGENT_MISSING, engine.EXIT_AGENT_MISMATCH):
                     await self._deploy(source, directory, path)

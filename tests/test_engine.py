@@ -1,0 +1,900 @@
+"""The agent's engine (remote_agent/usrsync_agent.py) on real files: classification, scanning,
+the hash cache's invalidation rules, locks, staging, verification, promotion and recovery."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_agent import usrsync_agent as engine
+
+OLD = 1_700_000_000  # an mtime far outside the racy window
+FORGED = "f" * 64  # a digest no file has: seeing it proves the cache (or trust) was used
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(root: Path, files: dict[str, bytes], mtime: int | None = OLD) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+
+
+# --- classification and path safety ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "section"), [
+    ("records.parquet", "primary"),
+    ("meta.md", "meta"),
+    (".events.log", ".events.log"),
+    ("_snapshots/records-1.parquet", "_snapshots"),
+    ("_snapshots/deep/x", "_snapshots"),
+    ("_derived/ns/part-1.parquet", "_derived"),
+    ("_derived/x", "_derived"),
+    ("notes.txt", "_auxiliary"),
+    ("_artifacts/x.json", "_auxiliary"),
+    ("_snapshots", "_auxiliary"),  # a file, not the dir
+    ("_derived", "_auxiliary"),
+    ("sub/records.parquet", "_auxiliary"),
+    ("sub/.events.log", "_auxiliary"),
+    ("sub/.usr.lock", "_auxiliary"),  # runtime names are top-level only...
+    ("sub/.usrsync-notes", "_auxiliary"),
+    (".usr.lockfile", "_auxiliary"),
+    # ...except rsync's partial dirs, which are runtime anywhere
+    (".usr.lock", None),
+    (".events.lock", None),
+    (".usr.transfer.lock", None),
+    (".usr.lease.x", None),
+    (".usr.lease.job-42", None),
+    (".usrsync", None),
+    (".usrsync/locks/a.lock", None),
+    (".usrsync-partial", None),
+    (".usrsyncanything", None),
+    (".usrsync-partial/records.parquet", None),
+    ("_derived/ns/.usrsync-partial/part-1.parquet", None),
+    ("_snapshots/.rsync-partial/x", None),
+    ("a/b/~tmp~/c", None),
+])
+def test_classify(path: str, section: str | None) -> None:
+    assert engine.classify(path) == section
+
+
+@pytest.mark.parametrize(("path", "reason"), [
+    ("records.parquet", None),
+    ("_derived/a/b", None),
+    ("..a", None),
+    ("a..", None),
+    ("", "empty path"),
+    (None, "empty path"),
+    ("a\x00b", "control character in path"),
+    ("a\nb", "control character in path"),
+    ("a\rb", "control character in path"),
+    ("/etc/passwd", "absolute path"),
+    ("..", "'.', '..' or empty component"),
+    ("a/../b", "'.', '..' or empty component"),
+    ("a/./b", "'.', '..' or empty component"),
+    ("a//b", "'.', '..' or empty component"),
+    ("a/", "'.', '..' or empty component"),
+])
+def test_unsafe_path_reason(path: Any, reason: str | None) -> None:
+    assert engine.unsafe_path_reason(path) == reason
+
+
+@pytest.mark.parametrize(("dataset", "ok"), [
+    ("ds", True), ("densegen/my_dataset", True), ("a/.usrsync", True),
+    (".usrsync", False), (".usrsync-x/y", False), ("../x", False), ("/abs", False), ("", False),
+])
+def test_check_dataset_id(dataset: str, ok: bool) -> None:
+    if ok:
+        engine.check_dataset_id(dataset)
+        return
+    with pytest.raises(engine.AgentError) as info:
+        engine.check_dataset_id(dataset)
+    assert info.value.kind == "unsafe_dataset"
+
+
+def test_dataset_key_is_flat_and_injective() -> None:
+    keys = {d: engine.dataset_key(d) for d in ("a/b", "a%2Fb", "a%b", "a.b", "a")}
+    assert keys == {"a/b": "a%2Fb", "a%2Fb": "a%252Fb", "a%b": "a%25b", "a.b": "a.b", "a": "a"}
+    assert all("/" not in k for k in keys.values())
+
+
+# --- scanning -------------------------------------------------------------------------------
+
+
+def test_scan_skips_runtime_files_and_reports_special_kinds(tmp_path: Path) -> None:
+    write(tmp_path, {
+        "records.parquet": b"p", "_derived/ns/a": b"a", "notes/x.txt": b"x",
+        ".usr.lock": b"", ".events.lock": b"", ".usr.transfer.lock": b"", ".usr.lease.42": b"",
+        ".usrsync/locks/d.lock": b"{}", ".usrsync-partial/records.parquet": b"partial",
+        "_derived/ns/.usrsync-partial/b": b"partial", "_snapshots/.rsync-partial/s": b"partial",
+    })
+    os.symlink("records.parquet", tmp_path / "link")
+    os.symlink("/", tmp_path / "_derived" / "dirlink")  # never followed
+    os.mkfifo(tmp_path / "fifo")
+    items = engine.scan(str(tmp_path))
+    assert [(rel, kind) for rel, kind, _ in items] == [
+        ("_derived/dirlink", "symlink"), ("_derived/ns/a", "file"), ("fifo", "special"), ("link", "symlink"),
+        ("notes/x.txt", "file"), ("records.parquet", "file"),
+    ]
+
+
+def test_scan_reports_undecodable_names(tmp_path: Path) -> None:
+    write(tmp_path, {"records.parquet": b"p"})
+    (tmp_path / os.fsdecode(b"bad\xffname")).write_bytes(b"x")
+    items = engine.scan(str(tmp_path))
+    assert [(rel, kind) for rel, kind, _ in items] == [("bad\\xffname", "badname"), ("records.parquet", "file")]
+    entries = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
+    assert entries[0][4:6] == ["badname", ""]  # never hashed, never transferred
+
+
+def test_scan_of_a_missing_dir_is_empty(tmp_path: Path) -> None:
+    assert engine.scan(str(tmp_path / "missing")) == []
+
+
+def test_manifest_entries(tmp_path: Path) -> None:
+    files = {"records.parquet": b"PAR1", "_derived/a": b"derived", ".events.log": b"a\nb\nhalf"}
+    write(tmp_path, files)
+    os.symlink("records.parquet", tmp_path / "link")
+    entries = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
+    assert entries == [
+        [".events.log", ".events.log", 8, OLD * 10**9, "file", sha(files[".events.log"]), 2],
+        ["_derived/a", "_derived", 7, OLD * 10**9, "file", sha(b"derived"), None],
+        ["link", "_auxiliary", len("records.parquet"), (tmp_path / "link").lstat().st_mtime_ns, "symlink", "", None],
+        ["records.parquet", "primary", 4, OLD * 10**9, "file", sha(b"PAR1"), None],
+    ]
+
+
+def test_manifest_hash_sections_and_jobs(tmp_path: Path) -> None:
+    files = {f"_derived/f{i:03d}": os.urandom(i * 37) for i in range(60)} | {"records.parquet": b"p"}
+    write(tmp_path, files)
+    calls: list[tuple[int, int]] = []
+    entries = engine.build_manifest(str(tmp_path), "sha256", jobs=4, use_cache=False,
+                                    progress=lambda n, b: calls.append((n, b)))
+    assert {e[0]: e[5] for e in entries} == {p: sha(d) for p, d in files.items()}
+    assert sorted(calls)[-1] == (61, sum(len(d) for d in files.values()))
+    partial = engine.build_manifest(str(tmp_path), "sha256", use_cache=False, hash_sections={"primary"})
+    assert {e[0]: e[5] for e in partial} == {p: (sha(d) if p == "records.parquet" else "") for p, d in files.items()}
+
+
+def test_xxh3_when_available(tmp_path: Path) -> None:
+    write(tmp_path, {"records.parquet": b"PAR1"})
+    if engine.xxhash is None:
+        with pytest.raises(engine.AgentError):
+            engine.build_manifest(str(tmp_path), "xxh3_128", use_cache=False)
+        return
+    entries = engine.build_manifest(str(tmp_path), "xxh3_128", use_cache=False)
+    assert entries[0][5] == engine.xxhash.xxh3_128(b"PAR1").hexdigest()
+    assert engine.hash_algos() == ["xxh3_128", "sha256"]
+
+
+# --- the hash cache -----------------------------------------------------------------------------
+
+
+class Dataset:
+    """A dataset dir and its hash cache, with ways to read and forge cache entries."""
+
+    def __init__(self, tmp_path: Path, files: dict[str, bytes] | None = None):
+        self.root = tmp_path / "ds"
+        self.cache_dir = tmp_path / "cache"
+        write(self.root, files or {"records.parquet": b"PAR1-primary", "_derived/a": b"derived-a"})
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(engine.HashCache(str(self.cache_dir), str(self.root), "sha256").path)
+
+    def manifest(self, **kw: Any) -> dict[str, str]:
+        entries = engine.build_manifest(str(self.root), "sha256", cache_dir=str(self.cache_dir), **kw)
+        return {e[0]: e[5] for e in entries}
+
+    def cached(self) -> dict[str, list]:
+        return json.loads(self.cache_path.read_text())["entries"]
+
+    def forge(self, rel: str, key: list[int] | None = None, **doc: Any) -> None:
+        """Replace `rel`'s cache entry by FORGED under `key` (default: the file's current key)."""
+        cache = json.loads(self.cache_path.read_text())
+        cache.update(doc)
+        cache["entries"][rel] = (key or self.key(rel)) + [FORGED]
+        self.cache_path.write_text(json.dumps(cache))
+
+    def key(self, rel: str) -> list[int]:
+        st = os.lstat(self.root / rel)
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def test_cache_stores_settled_files_with_their_full_key(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    assert ds.manifest() == {"records.parquet": sha(b"PAR1-primary"), "_derived/a": sha(b"derived-a")}
+    assert ds.cached() == {
+        "records.parquet": ds.key("records.parquet") + [sha(b"PAR1-primary")],
+        "_derived/a": ds.key("_derived/a") + [sha(b"derived-a")],
+    }
+    doc = json.loads(ds.cache_path.read_text())
+    assert (doc["format"], doc["root"], doc["algo"]) == (engine.CACHE_FORMAT, str(ds.root), "sha256")
+    assert "st_dev" not in ds.cache_path.read_text()
+
+
+def test_cached_digest_is_reused_when_the_whole_key_matches(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    ds.forge("_derived/a")
+    assert ds.manifest()["_derived/a"] == FORGED  # reused, not rehashed
+    assert ds.cached()["_derived/a"][4] == FORGED  # and kept
+
+
+@pytest.mark.parametrize("component", ["size", "mtime_ns", "ctime_ns", "inode"])
+def test_any_key_component_mismatch_rehashes(tmp_path: Path, component: str) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    key = ds.key("_derived/a")
+    key[["size", "mtime_ns", "ctime_ns", "inode"].index(component)] += 1
+    ds.forge("_derived/a", key)
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+    assert ds.cached()["_derived/a"] == ds.key("_derived/a") + [sha(b"derived-a")]
+
+
+def test_same_size_rewrite_with_restored_mtime_is_rehashed(tmp_path: Path) -> None:
+    """The classic in-place rewrite: same length, mtime put back. ctime gives it away."""
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    before = ds.key("_derived/a")
+    time.sleep(0.01)  # ctime has ns resolution, but be sure the clock moved
+    write(ds.root, {"_derived/a": b"derived-B"})  # same size, same (restored) mtime
+    after = ds.key("_derived/a")
+    assert (after[0], after[1], after[3]) == (before[0], before[1], before[3]) and after[2] != before[2]
+    assert ds.manifest()["_derived/a"] == sha(b"derived-B")
+
+
+def test_size_change_is_rehashed(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    ds.forge("_derived/a")
+    write(ds.root, {"_derived/a": b"derived-a-longer"})
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a-longer")
+
+
+def test_mtime_change_alone_is_rehashed(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    ds.forge("_derived/a")
+    os.utime(ds.root / "_derived/a", (OLD + 60, OLD + 60))
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+def test_ctime_change_alone_is_rehashed(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    time.sleep(0.01)
+    ds.forge("_derived/a")
+    mtime_before = ds.key("_derived/a")[1]
+    os.chmod(ds.root / "_derived/a", 0o600)  # changes ctime only
+    assert ds.key("_derived/a")[1] == mtime_before
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+def test_inode_change_is_rehashed(tmp_path: Path) -> None:
+    """A same-content, same-mtime copy renamed over the file: a new inode is a new file."""
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    ds.forge("_derived/a")
+    old_ino = ds.key("_derived/a")[3]
+    copy = ds.root / "_derived" / "a.new"
+    shutil.copy2(ds.root / "_derived/a", copy)
+    os.replace(copy, ds.root / "_derived/a")
+    assert ds.key("_derived/a")[3] != old_ino
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+def test_racy_files_are_hashed_but_not_cached(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    write(ds.root, {"_derived/fresh": b"just written"}, mtime=None)
+    assert ds.manifest()["_derived/fresh"] == sha(b"just written")
+    assert "_derived/fresh" not in ds.cached()
+    assert "_derived/a" in ds.cached()
+    # Once settled (older than the racy window) it is cached.
+    os.utime(ds.root / "_derived/fresh", (OLD, OLD))
+    ds.manifest()
+    assert ds.cached()["_derived/fresh"][4] == sha(b"just written")
+
+
+def test_racy_window_is_two_seconds(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    now = time.time()
+    write(ds.root, {"_derived/edge-in": b"1"}, mtime=None)
+    write(ds.root, {"_derived/edge-out": b"2"}, mtime=None)
+    os.utime(ds.root / "_derived/edge-in", (now - 1, now - 1))
+    os.utime(ds.root / "_derived/edge-out", (now - 10, now - 10))
+    ds.manifest()
+    assert "_derived/edge-in" not in ds.cached()
+    assert "_derived/edge-out" in ds.cached()
+
+
+def test_events_log_is_never_cached(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path, {".events.log": b"a\nb\n", "records.parquet": b"p"})
+    ds.manifest()
+    assert ".events.log" not in ds.cached()
+    entries = engine.build_manifest(str(ds.root), "sha256", cache_dir=str(ds.cache_dir))
+    assert entries[0][6] == 2  # lines counted on every scan
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\xff not json", b"[]", b'{"format": 1}', b"{", b'{"format": 99, "entries": {}}',
+    b'{"format": 1, "root": "R", "algo": "sha256", "entries": []}',
+])
+def test_corrupt_cache_file_is_ignored_and_rebuilt(tmp_path: Path, garbage: bytes) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    ds.cache_path.write_bytes(garbage.replace(b'"R"', json.dumps(str(ds.root)).encode()))
+    assert ds.manifest() == {"records.parquet": sha(b"PAR1-primary"), "_derived/a": sha(b"derived-a")}
+    assert ds.cached()["_derived/a"][4] == sha(b"derived-a")
+
+
+@pytest.mark.parametrize("bad_entry", [[1, 2], "digest", None, [0, 0, 0, 0, 7]])
+def test_malformed_cache_entries_are_ignored(tmp_path: Path, bad_entry: Any) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    cache = json.loads(ds.cache_path.read_text())
+    cache["entries"]["_derived/a"] = bad_entry if bad_entry != [0, 0, 0, 0, 7] else ds.key("_derived/a") + [7]
+    ds.cache_path.write_text(json.dumps(cache))
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+@pytest.mark.parametrize("doc", [{"root": "/some/other/dataset"}, {"algo": "xxh3_128"}, {"format": 0}])
+def test_cache_of_another_dataset_or_algorithm_is_ignored(tmp_path: Path, doc: dict[str, Any]) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    ds.forge("_derived/a", **doc)
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+def test_caches_are_per_dataset_and_algorithm(tmp_path: Path) -> None:
+    paths = {engine.HashCache(str(tmp_path), root, algo).path
+             for root in ("/d/a", "/d/b") for algo in ("sha256", "xxh3_128")}
+    assert len(paths) == 4
+
+
+def test_no_cache_rehashes_and_writes_nothing(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    ds.forge("_derived/a")
+    assert ds.manifest(use_cache=False)["_derived/a"] == sha(b"derived-a")
+    assert ds.cached()["_derived/a"][4] == FORGED  # untouched
+
+
+def test_unwritable_cache_dir_does_not_fail_the_scan(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    ds.cache_dir.write_text("a file where the cache dir should be")
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+def test_trusted_digest_used_only_when_the_inode_matches(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    size, mtime_ns, _, ino = ds.key("_derived/a")
+    size_mtime = [size, mtime_ns]
+    assert ds.manifest(use_cache=False, trusted={"_derived/a": [ino, *size_mtime, FORGED]})["_derived/a"] == FORGED
+    assert ds.manifest(use_cache=False, trusted={"_derived/a": [ino + 1, *size_mtime, FORGED]})["_derived/a"] == sha(b"derived-a")
+    assert ds.manifest(use_cache=False, trusted={"other": [ino, *size_mtime, FORGED]})["_derived/a"] == sha(b"derived-a")
+    # Same inode, but rewritten since it was verified: the trusted digest no longer applies.
+    stale = {"_derived/a": [ino, size, mtime_ns - 1, FORGED]}
+    assert ds.manifest(use_cache=False, trusted=stale)["_derived/a"] == sha(b"derived-a")
+
+
+def test_racy_file_is_rehashed_even_when_trusted_and_never_cached(tmp_path: Path) -> None:
+    """Git's racy rule wins over trust: a file inside the window is read again, and not cached."""
+    ds = Dataset(tmp_path)
+    write(ds.root, {"_derived/fresh": b"just written"}, mtime=None)
+    size, mtime_ns, _, ino = ds.key("_derived/fresh")
+    size_mtime = [size, mtime_ns]
+    assert ds.manifest(trusted={"_derived/fresh": [ino, *size_mtime, FORGED]})["_derived/fresh"] == sha(b"just written")
+    assert "_derived/fresh" not in ds.cached()
+
+
+def test_trusted_digest_of_a_settled_file_is_cached(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    size, mtime_ns, _, ino = ds.key("_derived/a")
+    size_mtime = [size, mtime_ns]
+    ds.manifest(trusted={"_derived/a": [ino, *size_mtime, sha(b"derived-a")]})
+    assert ds.cached()["_derived/a"] == ds.key("_derived/a") + [sha(b"derived-a")]
+
+
+# --- locks ----------------------------------------------------------------------------------
+
+
+def new_lock(tmp_path: Path, txid: str, timeout: float = 300, flock: bool = True) -> engine.Lock:
+    lock = engine.Lock(str(tmp_path / "locks"), "ds", txid, timeout)
+    lock.use_flock = flock
+    return lock
+
+
+def plant_lock(tmp_path: Path, age: float, **holder: Any) -> Path:
+    """A lock file some other process left: holder info, heartbeat `age` seconds old."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "user": "someone",
+            "started": "2026-01-01T00:00:00Z", "txid": "T-other", "purpose": "sync", **holder}
+    path = tmp_path / "locks" / "ds.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info))
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait(timeout=10)
+    return proc.pid
+
+
+def test_acquire_and_release(tmp_path: Path) -> None:
+    lock = new_lock(tmp_path, "T1").acquire()
+    try:
+        info = json.loads(Path(lock.path).read_text())
+        assert (info["txid"], info["pid"], info["host"], info["purpose"], info["flock"]) == (
+            "T1", os.getpid(), socket.gethostname(), "sync", True)
+        assert lock.broken is None
+    finally:
+        lock.release()
+    assert not os.path.lexists(lock.path)
+    assert lock.fd is None
+
+
+@pytest.mark.parametrize("flock", [True, False])
+def test_busy_lock_names_its_holder(tmp_path: Path, flock: bool) -> None:
+    first = new_lock(tmp_path, "T1", flock=flock).acquire()
+    try:
+        os.utime(first.path, (time.time() - 5,) * 2)  # past the fresh-file grace, within the timeout
+        with pytest.raises(engine.AgentError) as info:
+            new_lock(tmp_path, "T2", flock=flock).acquire(0)
+        err = info.value
+        assert err.kind == "locked"
+        assert err.detail["holder"]["txid"] == "T1"
+        assert err.message == f"locked by {engine.describe_holder(err.detail['holder'])}"
+        assert f"pid {os.getpid()}" in err.message and "(txid T1)" in err.message
+    finally:
+        first.release()
+
+
+def test_stale_heartbeat_is_broken_and_reported(tmp_path: Path) -> None:
+    plant_lock(tmp_path, age=1000)
+    lock = new_lock(tmp_path, "T2", timeout=300).acquire(0)
+    try:
+        assert lock.broken is not None
+        assert lock.broken["holder"]["txid"] == "T-other"
+        assert 990 <= lock.broken["age_seconds"] <= 1100
+        assert json.loads(Path(lock.path).read_text())["txid"] == "T2"
+    finally:
+        lock.release()
+    assert not list((tmp_path / "locks").iterdir())  # the stale file was not left aside
+
+
+def test_racing_breakers_of_one_stale_lock_leave_exactly_one_holder(tmp_path: Path) -> None:
+    """Eight contenders see the same dead holder at once: one takes the lock, the rest are refused."""
+    plant_lock(tmp_path, age=1000)
+    contenders = [new_lock(tmp_path, f"T{i}", timeout=300) for i in range(8)]
+    start = threading.Barrier(len(contenders))
+    outcomes: dict[str, str] = {}
+
+    def contend(lock: engine.Lock) -> None:
+        start.wait(5)
+        try:
+            lock.acquire(0.5)
+            outcomes[lock.txid] = "held"
+        except engine.AgentError as exc:
+            outcomes[lock.txid] = exc.kind
+
+    threads = [threading.Thread(target=contend, args=(lock,)) for lock in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    try:
+        holders = [txid for txid, outcome in outcomes.items() if outcome == "held"]
+        assert len(holders) == 1, outcomes
+        assert sorted(set(outcomes.values())) == ["held", "locked"]
+        assert json.loads(Path(contenders[0].path).read_text())["txid"] == holders[0]
+    finally:
+        for lock in contenders:
+            if outcomes.get(lock.txid) == "held":
+                lock.release()
+
+
+def test_dead_local_pid_is_stale(tmp_path: Path) -> None:
+    plant_lock(tmp_path, age=0, pid=dead_pid())
+    lock = new_lock(tmp_path, "T2").acquire(0)
+    try:
+        assert lock.broken is not None and lock.broken["holder"]["txid"] == "T-other"
+    finally:
+        lock.release()
+
+
+def test_live_holder_on_another_host_is_not_broken_while_its_heartbeat_is_fresh(tmp_path: Path) -> None:
+    """No flock is visible across hosts on many cluster filesystems: only the heartbeat counts."""
+    plant_lock(tmp_path, age=10, host="login2.cluster", pid=dead_pid())
+    with pytest.raises(engine.AgentError) as info:
+        new_lock(tmp_path, "T2").acquire(0)
+    assert info.value.detail["holder"]["host"] == "login2.cluster"
+    plant_lock(tmp_path, age=400, host="login2.cluster")
+    lock = new_lock(tmp_path, "T3").acquire(0)
+    lock.release()
+    assert lock.broken["holder"]["host"] == "login2.cluster"
+
+
+def test_flocked_holder_on_this_host_without_its_flock_is_dead(tmp_path: Path) -> None:
+    """A live pid that no longer holds the flock it took is not the holder (pid reuse): stale."""
+    plant_lock(tmp_path, age=10, pid=1, flock=True)
+    lock = new_lock(tmp_path, "T2").acquire(0)
+    lock.release()
+    assert lock.broken is not None and lock.broken["holder"]["pid"] == 1
+
+
+def test_live_holder_that_took_no_flock_is_not_broken(tmp_path: Path) -> None:
+    """A holder on a filesystem without flock never had one: a free flock says nothing about it."""
+    plant_lock(tmp_path, age=10, pid=1)
+    with pytest.raises(engine.AgentError) as info:
+        new_lock(tmp_path, "T2").acquire(0)
+    assert info.value.detail["holder"]["pid"] == 1
+
+
+def test_without_flock_exclusion_still_holds(tmp_path: Path) -> None:
+    first = new_lock(tmp_path, "T1", flock=False).acquire()
+    try:
+        os.utime(first.path, (time.time() - 30,) * 2)
+        second = new_lock(tmp_path, "T2", flock=False)
+        with pytest.raises(engine.AgentError) as info:
+            second.acquire(0.2)
+        assert info.value.kind == "locked"
+        assert second.broken is None
+    finally:
+        first.release()
+
+
+def test_wait_acquires_once_the_holder_releases(tmp_path: Path) -> None:
+    first = new_lock(tmp_path, "T1").acquire()
+    releaser = threading.Timer(0.3, first.release)
+    releaser.start()
+    try:
+        second = new_lock(tmp_path, "T2").acquire(wait=20)
+    finally:
+        releaser.join(10)
+    try:
+        assert second.broken is None
+        assert json.loads(Path(second.path).read_text())["txid"] == "T2"
+    finally:
+        second.release()
+
+
+def test_wait_expires_on_a_live_holder(tmp_path: Path) -> None:
+    first = new_lock(tmp_path, "T1").acquire()
+    try:
+        started = time.monotonic()
+        with pytest.raises(engine.AgentError):
+            new_lock(tmp_path, "T2").acquire(wait=0.3)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        first.release()
+
+
+def test_heartbeat_refreshes_the_lock_file(tmp_path: Path) -> None:
+    lock = new_lock(tmp_path, "T1", timeout=2).acquire()  # heartbeat every 0.5 s
+    try:
+        os.utime(lock.path, (OLD, OLD))
+        deadline = time.monotonic() + 10
+        while os.stat(lock.path).st_mtime < time.time() - 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.stat(lock.path).st_mtime > time.time() - 60
+    finally:
+        lock.release()
+
+
+def test_release_leaves_a_lock_someone_else_took_over(tmp_path: Path) -> None:
+    lock = new_lock(tmp_path, "T1").acquire()
+    Path(lock.path).write_text(json.dumps({"txid": "T-new"}))
+    lock.release()
+    assert json.loads(Path(lock.path).read_text()) == {"txid": "T-new"}
+
+
+# --- staging, verification, promotion, recovery -------------------------------------------------
+
+DATASET = "grp/ds"
+TXID = "20260101T000000Z-0badcafe"
+OLD_TREE = {"records.parquet": b"PAR1-old", "meta.md": b"# m\n", "_derived/ns/a": b"aaaa", "notes/x": b"x"}
+NEW_TREE = {"records.parquet": b"PAR1-new", "meta.md": b"# m\n", "_derived/ns/a": b"aaaa", "_derived/ns/b": b"bbbb"}
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    b = tmp_path / "base"
+    write(b / DATASET, OLD_TREE)
+    return b
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def expected_of(files: dict[str, bytes]) -> dict[str, list]:
+    return {p: [len(d), sha(d)] for p, d in files.items()}
+
+
+def staged(base: Path, link: list[str]) -> Path:
+    reply = engine.stage(str(base), DATASET, TXID, link)
+    assert reply["linked"] == len(link)
+    return Path(reply["staging"])
+
+
+def test_stage_seeds_hard_links(base: Path) -> None:
+    staging = staged(base, ["_derived/ns/a", "meta.md"])
+    assert staging == base / ".usrsync" / "staging" / f"grp%2Fds.{TXID}"
+    assert tree(staging) == {"_derived/ns/a": b"aaaa", "meta.md": b"# m\n"}
+    for rel in ("_derived/ns/a", "meta.md"):
+        assert (staging / rel).stat().st_ino == (base / DATASET / rel).stat().st_ino
+
+
+@pytest.mark.parametrize(("rel", "why"), [("../escape", "'.', '..' or empty component"),
+                                          ("/etc/passwd", "absolute path")])
+def test_stage_refuses_unsafe_paths(base: Path, rel: str, why: str) -> None:
+    with pytest.raises(engine.AgentError) as info:
+        engine.stage(str(base), DATASET, TXID, [rel])
+    assert (info.value.kind, info.value.message) == ("unsafe_path", f"refusing to stage {rel!r}: {why}")
+
+
+def test_stage_refuses_to_link_a_symlink(base: Path) -> None:
+    os.symlink("/etc/passwd", base / DATASET / "evil")
+    with pytest.raises(engine.AgentError) as info:
+        engine.stage(str(base), DATASET, TXID, ["evil"])
+    assert info.value.message == "refusing to stage 'evil': not a regular file"
+
+
+def test_verify_accepts_the_exact_tree(base: Path) -> None:
+    root = base / DATASET
+    result = engine.verify_tree(str(root), expected_of(OLD_TREE), ["records.parquet", "notes/x"], "sha256")
+    assert result["problems"] == []
+    assert (result["checked"], result["bytes"]) == (2, len(OLD_TREE["records.parquet"]) + 1)
+    stats = {rel: (root / rel).stat() for rel in OLD_TREE}
+    assert result["stats"] == {rel: [st.st_ino, st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
+
+
+def test_verify_reports_every_kind_of_problem(base: Path) -> None:
+    root = base / DATASET
+    expected = expected_of(OLD_TREE) | {"missing": [1, sha(b"m")]}
+    write(root, {"records.parquet": b"PAR1-OLD", "meta.md": b"# m, longer\n", "unexpected": b"?"})
+    (root / "notes/x").unlink()
+    os.symlink("/etc/passwd", root / "notes/x")
+    result = engine.verify_tree(str(root), expected, ["records.parquet", "meta.md", "notes/x", "_derived/ns/a"],
+                                "sha256")
+    assert result["problems"] == [
+        ["meta.md", "size 12, expected 4"],
+        ["missing", "missing"],
+        ["notes/x", "not a regular file (symlink)"],
+        ["records.parquet", "content differs from the source manifest"],
+        ["unexpected", "unexpected file"],
+    ]
+    assert result["checked"] == 2  # the bad ones are not reread
+
+
+def test_verify_without_reread_checks_sizes_only(base: Path) -> None:
+    root = base / DATASET
+    write(root, {"records.parquet": b"PAR1-OLD"})  # same size
+    assert engine.verify_tree(str(root), expected_of(OLD_TREE), [], "sha256")["problems"] == []
+
+
+def test_verify_does_not_follow_a_planted_directory_symlink(base: Path, tmp_path: Path) -> None:
+    root = base / DATASET
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(root / "_derived"), elsewhere)
+    os.symlink(elsewhere, root / "_derived")
+    result = engine.verify_tree(str(root), expected_of(OLD_TREE), ["_derived/ns/a"], "sha256")
+    assert result["problems"] == [["_derived", "not a regular file (symlink)"], ["_derived/ns/a", "missing"]]
+    assert result["checked"] == 0
+
+
+def test_promote_exchanges_and_removes_the_old_tree(base: Path) -> None:
+    staging = staged(base, ["_derived/ns/a", "meta.md"])
+    write(staging, {"records.parquet": NEW_TREE["records.parquet"], "_derived/ns/b": NEW_TREE["_derived/ns/b"]})
+    assert engine.promote(str(base), DATASET, TXID) == {"method": "exchange"}
+    assert tree(base / DATASET) == NEW_TREE
+    assert os.listdir(base / ".usrsync" / "staging") == []
+    assert os.listdir(base / ".usrsync" / "journal") == []
+
+
+def test_promote_bootstrap_renames(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    staging = Path(engine.stage(str(base), DATASET, TXID, [])["staging"])
+    write(staging, NEW_TREE)
+    assert engine.promote(str(base), DATASET, TXID) == {"method": "rename"}
+    assert tree(base / DATASET) == NEW_TREE
+
+
+def test_promote_falls_back_to_a_journaled_rename_pair(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the OS has no atomic exchange (the platform seam, not the filesystem, is replaced)."""
+    def no_exchange(a: str, b: str) -> None:
+        raise OSError(errno.ENOSYS, "no atomic exchange on this platform")
+
+    monkeypatch.setattr(engine, "exchange", no_exchange)
+    staging = staged(base, ["meta.md"])
+    write(staging, {k: v for k, v in NEW_TREE.items() if k != "meta.md"})
+    assert engine.promote(str(base), DATASET, TXID) == {"method": "rename-pair"}
+    assert tree(base / DATASET) == NEW_TREE
+    assert os.listdir(base / ".usrsync" / "staging") == []
+
+
+def crash_state(base: Path, txid: str = TXID) -> tuple[Path, Path, Path]:
+    """Staging with the new tree and a journal, as promote() leaves them before its first rename."""
+    staging = Path(engine.staging_path(str(base), DATASET, txid))
+    write(staging, NEW_TREE)
+    journal = Path(engine.journal_path(str(base), DATASET, txid))
+    live = base / DATASET
+    record = {"live": str(live), "staging": str(staging), "backup": str(staging) + ".old", "txid": txid}
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text(json.dumps(record))
+    return live, staging, journal
+
+
+def test_recover_after_a_crash_between_the_two_renames(base: Path) -> None:
+    live, staging, journal = crash_state(base)
+    os.rename(live, str(staging) + ".old")  # the first rename of the pair happened; the second did not
+    repaired = engine.recover(str(base), DATASET)
+    assert repaired == [
+        f"restored live dataset from {staging}.old",
+        f"removed journal {journal.name}",
+        f"removed leftover staging {staging.name}",
+    ]
+    assert tree(live) == OLD_TREE
+    assert os.listdir(staging.parent) == [] and not journal.exists()
+
+
+def test_recover_after_a_crash_after_the_exchange(base: Path) -> None:
+    live, staging, journal = crash_state(base)
+    engine.exchange(str(staging), str(live))  # promoted; the old tree waits in staging
+    repaired = engine.recover(str(base), DATASET)
+    assert repaired == [f"removed journal {journal.name}", f"removed leftover staging {staging.name}"]
+    assert tree(live) == NEW_TREE
+
+
+def test_recover_after_a_crash_before_promotion(base: Path) -> None:
+    live, staging, journal = crash_state(base)
+    engine.recover(str(base), DATASET)
+    assert tree(live) == OLD_TREE
+    assert not staging.exists() and not journal.exists()
+
+
+def test_recover_removes_leftover_staging_without_a_journal(base: Path) -> None:
+    staging = staged(base, ["meta.md"])
+    (staging / "_derived").mkdir()
+    (staging / "_derived").chmod(0o500)  # a read-only dir in the leftover does not stop removal
+    assert engine.recover(str(base), DATASET) == [f"removed leftover staging {staging.name}"]
+    assert not staging.exists()
+    assert tree(base / DATASET) == OLD_TREE
+
+
+def test_recover_leaves_other_datasets_alone(base: Path) -> None:
+    """Dataset `grp/ds.v2` shares the prefix `grp%2Fds.` with `grp/ds`: its run is not ours to clean."""
+    other = Path(engine.stage(str(base), "grp/ds.v2", TXID, [])["staging"])
+    other_journal = Path(engine.journal_path(str(base), "grp/ds.v2", TXID))
+    other_journal.parent.mkdir(parents=True)
+    other_journal.write_text(json.dumps({"live": str(base / "grp/ds.v2"), "backup": str(other) + ".old"}))
+    assert engine.recover(str(base), DATASET) == []
+    assert other.is_dir() and other_journal.exists()
+    assert engine.recover(str(base), "grp/ds.v2") == [f"removed journal {other_journal.name}",
+                                                      f"removed leftover staging {other.name}"]
+
+
+@pytest.mark.parametrize(("name", "owner"), [
+    (f"grp%2Fds.{TXID}", "grp/ds"),
+    (f"grp%2Fds.{TXID}.old", "grp/ds"),
+    (f"grp%2Fds.{TXID}.json", "grp/ds"),
+    (f"grp%2Fds.{TXID}.json.tmp.123.456", "grp/ds"),
+    (f"grp%2Fds.v2.{TXID}", "grp/ds.v2"),
+    (f"grp%2Fds.v2.{TXID}.old", "grp/ds.v2"),
+    (f"grp%2Fds.v2.{TXID}.json", "grp/ds.v2"),
+    (f"grp%2Fdsx.{TXID}", None),
+    ("grp%2Fds.", None),
+])
+def test_leftovers_belong_to_exactly_one_dataset(name: str, owner: str | None) -> None:
+    for dataset in ("grp/ds", "grp/ds.v2"):
+        assert engine._owned_by(name, engine.dataset_key(dataset)) == (dataset == owner), dataset
+
+
+def test_recover_never_follows_a_journal_that_points_elsewhere(base: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    write(victim, {"keep": b"me"})
+    journal = Path(engine.journal_path(str(base), DATASET, TXID))
+    journal.parent.mkdir(parents=True)
+    journal.write_text(json.dumps({"live": str(tmp_path / "nowhere"), "backup": str(victim)}))
+    engine.recover(str(base), DATASET)
+    assert tree(victim) == {"keep": b"me"} and not (tmp_path / "nowhere").exists()
+
+
+def test_recover_drops_a_corrupt_journal(base: Path) -> None:
+    journal = Path(engine.journal_path(str(base), DATASET, TXID))
+    journal.parent.mkdir(parents=True)
+    journal.write_text("{not json")
+    assert engine.recover(str(base), DATASET) == []
+    assert not journal.exists()
+    assert tree(base / DATASET) == OLD_TREE
+
+
+# --- the agent process: `usrsync_agent.py serve NONCE` over pipes ---------------------------------
+
+
+def request(rid: int | None, call: str, args: Any) -> bytes:
+    body = json.dumps({"id": rid, "call": call, "args": args}).encode()
+    return len(body).to_bytes(4, "big") + b"\x00" + body
+
+
+def serve(stdin: bytes, env: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """Run the agent on `stdin` to its end; its exit code and every frame it wrote after the sentinel."""
+    proc = subprocess.run([sys.executable, engine.__file__, "serve", "n0nce"], input=stdin, capture_output=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+    sentinel, _, rest = proc.stdout.partition(b"\n")
+    assert sentinel == f"{engine.SENTINEL} {engine.AGENT_VERSION} n0nce".encode()
+    stream = io.BytesIO(rest)
+    frames = []
+    while (frame := engine.read_frame(stream)) is not None:
+        frames.append(frame)
+    return proc.returncode, frames
+
+
+def test_serve_answers_calls_and_keeps_going_after_errors(tmp_path: Path) -> None:
+    write(tmp_path / "base" / "ds", {"records.parquet": b"PAR1", "_derived/a": b"a"})
+    code, frames = serve(
+        request(1, "hello", {})
+        + request(2, "no_such_call", {})
+        + request(3, "hello", [1, 2])
+        + request(4, "manifest", {"base_dir": str(tmp_path / "base"), "dataset": "ds", "algo": "sha256",
+                                  "cache": False})
+        + request(5, "manifest", {"base_dir": str(tmp_path / "missing"), "dataset": "ds", "algo": "sha256"})
+        + request(6, "manifest", {"base_dir": str(tmp_path / "base"), "dataset": "../ds", "algo": "sha256"})
+    )
+    assert code == 0
+    hello = frames[0]
+    assert (hello["id"], hello["type"], hello["result"]["version"]) == (1, "result", engine.AGENT_VERSION)
+    assert hello["result"]["python"] == platform.python_version()
+    assert hello["result"]["hash_algos"] == engine.hash_algos()
+    assert [(f["id"], f["type"], f.get("error", {}).get("kind")) for f in frames[1:]] == [
+        (2, "error", "unknown_call"), (3, "error", "bad_request"), (4, "chunk", None), (4, "result", None),
+        (5, "error", "base_dir_missing"), (6, "error", "unsafe_dataset"),
+    ]
+    assert frames[3]["items"] == [["_derived/a", "_derived", 1, OLD * 10**9, "file", sha(b"a"), None],
+                                  ["records.parquet", "primary", 4, OLD * 10**9, "file", sha(b"PAR1"), None]]
+    assert frames[4]["result"] == {"exists": True, "count": 2, "algo": "sha256", "root": str(tmp_path / "base/ds")}
+
+
+@pytest.mark.parametrize(("garbage", "kind"), [
+    ((engine.MAX_FRAME + 1).to_bytes(4, "big") + b"\x00", "frame_too_large"),
+    (b"\x00\x00\x00\x05\x01" + b"notzl", "bad_request"),
+    (b"\x00\x00\x00\x04\x00" + b"{no}", "bad_request"),
+    (b"\x00\x00\x00\x02\x00" + b"\xff\xfe", "bad_request"),
+])
+def test_serve_answers_garbage_with_an_error_frame_and_exits(garbage: bytes, kind: str) -> None:
+    code, frames = serve(request(1, "hello", {}) + garbage + request(2, "hello", {}))
+    assert code == 3
+    assert [(f["id"], f["type"]) for f in frames] == [(1, "result"), (None, "error")]
+    assert frames[1]["error"]["kind"] == kind
+
+
+def test_serve_releases_its_locks_when_the_session_ends(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    code, frames = serve(request(1, "lock", {"base_dir": str(base), "dataset": "ds", "txid": "T1"}))
+    assert code == 0
+    assert frames[0]["result"] == {"path": str(base / ".usrsync/locks/ds.lock"), "broken": None}
+    assert not (base / ".usrsync/locks/ds.lock").exists()

@@ -1,0 +1,299 @@
+"""plan_transfer(): copy/link/delete lists, the staged tree, rereads and the safety refusals (pure)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import manifest_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from usrsync.compare import EventsState, Policy, compare
+from usrsync.dataset import classify
+from usrsync.errors import EXIT_REFUSED, EXIT_USAGE, RefusedError, UsrError
+from usrsync.manifest import Manifest
+from usrsync.plan import FileTarget, MaxDelete, parse_max_delete, plan_transfer
+
+ALL = MaxDelete(percent=100.0)
+
+REMOTE = {
+    "records.parquet": b"PAR1-new",
+    "meta.md": b"# meta\n",
+    "_derived/ns/a": b"same",
+    "_derived/ns/b": b"remote b",
+    "_snapshots/s2": b"snap2",
+}
+LOCAL = {
+    "records.parquet": b"PAR1-old",
+    "meta.md": b"# meta\n",
+    "_derived/ns/a": b"same",
+    "notes.txt": b"local only",
+}
+
+
+def plan(local: Manifest, remote: Manifest, direction: str = "pull", policy: Policy = Policy(),
+         max_delete: MaxDelete = ALL, events: EventsState | None = None):
+    return plan_transfer(compare(local, remote, policy, events=events), direction, policy, max_delete)
+
+
+def target(data: bytes) -> FileTarget:
+    entry = manifest_of({"x": data}).entries[0]
+    return FileTarget(entry.size, entry.digest)
+
+
+def test_pull_lists() -> None:
+    p = plan(manifest_of(LOCAL), manifest_of(REMOTE), "pull")
+    assert p.copy == ["_derived/ns/b", "_snapshots/s2", "records.parquet"]
+    assert p.link == ["_derived/ns/a", "meta.md"]
+    assert p.delete == ["notes.txt"]
+    assert p.expected == {path: target(data) for path, data in REMOTE.items()}
+    assert p.reread == p.copy
+    assert p.bytes == sum(len(REMOTE[path]) for path in p.copy)
+    assert (p.direction, p.bootstrap, p.noop) == ("pull", False, False)
+
+
+def test_push_mirrors_pull() -> None:
+    p = plan(manifest_of(LOCAL), manifest_of(REMOTE), "push")
+    assert p.copy == ["notes.txt", "records.parquet"]
+    assert p.link == ["_derived/ns/a", "meta.md"]
+    assert p.delete == ["_derived/ns/b", "_snapshots/s2"]
+    assert p.expected == {path: target(data) for path, data in LOCAL.items()}
+    assert p.bytes == len(LOCAL["notes.txt"]) + len(LOCAL["records.parquet"])
+
+
+def test_in_sync_is_noop() -> None:
+    p = plan(manifest_of(REMOTE), manifest_of(REMOTE), "pull")
+    assert (p.noop, p.copy, p.delete, p.reread, p.bytes) == (True, [], [], [], 0)
+    assert p.link == sorted(REMOTE)
+
+
+def test_reread_without_sidecar_verification_is_the_primary_only() -> None:
+    p = plan(manifest_of(LOCAL), manifest_of(REMOTE), "pull", Policy(sidecars=False))
+    assert p.copy == ["_derived/ns/b", "_snapshots/s2", "records.parquet"]
+    assert p.reread == ["records.parquet"]
+
+
+def test_reread_skips_files_without_digests() -> None:
+    """With content hashes off, _derived files have no digest to check the copy against."""
+    policy = Policy(content_hashes=False)
+    hashed = policy.hashed_sections()
+    local, remote = manifest_of(LOCAL, hash_sections=hashed), manifest_of(REMOTE, hash_sections=hashed)
+    p = plan(local, remote, "pull", policy)
+    assert p.copy == ["_derived/ns/b", "_snapshots/s2", "records.parquet"]
+    assert p.reread == ["_snapshots/s2", "records.parquet"]
+    assert p.expected["_derived/ns/b"] == FileTarget(len(REMOTE["_derived/ns/b"]), "")
+
+
+@pytest.mark.parametrize("direction", ["pull", "push"])
+def test_out_of_scope_sections_are_kept_from_the_destination(direction: str) -> None:
+    policy = Policy(primary_only=True)
+    local, remote = manifest_of(LOCAL), manifest_of(REMOTE)
+    p = plan(local, remote, direction, policy)
+    assert p.copy == ["records.parquet"]
+    assert p.delete == []
+    dest_files = LOCAL if direction == "pull" else REMOTE
+    source_files = REMOTE if direction == "pull" else LOCAL
+    assert p.link == sorted(path for path in dest_files if path != "records.parquet")
+    assert p.expected == {**{path: target(data) for path, data in dest_files.items()},
+                          "records.parquet": target(source_files["records.parquet"])}
+
+
+def test_skip_snapshots_keeps_destination_snapshots() -> None:
+    local = manifest_of({**LOCAL, "_snapshots/s1": b"local snap"})
+    p = plan(local, manifest_of(REMOTE), "pull", Policy(skip_snapshots=True))
+    assert "_snapshots/s2" not in p.copy
+    assert "_snapshots/s1" in p.link and "_snapshots/s1" not in p.delete
+    assert set(p.expected) == (set(REMOTE) - {"_snapshots/s2"}) | {"_snapshots/s1"}
+
+
+def test_bootstrap_when_the_destination_does_not_exist() -> None:
+    p = plan(manifest_of({}, exists=False), manifest_of(REMOTE), "pull")
+    assert p.bootstrap is True
+    assert p.copy == sorted(REMOTE)
+    assert (p.link, p.delete) == ([], [])
+    # Bootstrap may even create a dataset without a primary (nothing to lose on the destination).
+    p = plan(manifest_of({}, exists=False), manifest_of({"meta.md": b"m"}), "pull")
+    assert (p.bootstrap, p.copy) == (True, ["meta.md"])
+
+
+@pytest.mark.parametrize(("direction", "missing", "message"), [
+    ("pull", "remote", "the remote dataset has no records.parquet; a pull would remove the local primary"),
+    ("push", "local", "the local dataset has no records.parquet; a push would remove the remote primary"),
+])
+def test_missing_source_primary_is_refused(direction: str, missing: str, message: str) -> None:
+    without = {k: v for k, v in REMOTE.items() if k != "records.parquet"}
+    local, remote = (manifest_of(LOCAL), manifest_of(without)) if missing == "remote" else \
+        (manifest_of(without), manifest_of(LOCAL))
+    with pytest.raises(RefusedError) as info:
+        plan(local, remote, direction)
+    assert info.value.message == message
+    assert info.value.hint == f"restore records.parquet on the {missing} side first"
+    assert info.value.exit_code == EXIT_REFUSED == 6
+
+
+@pytest.mark.parametrize("direction", ["pull", "push"])
+def test_missing_source_dataset_is_a_usage_error(direction: str) -> None:
+    local, remote = manifest_of(LOCAL), manifest_of({}, exists=False)
+    if direction == "push":
+        local, remote = remote, local
+    side = "remote" if direction == "pull" else "local"
+    with pytest.raises(UsrError) as info:
+        plan(local, remote, direction)
+    assert info.value.message == f"the dataset does not exist on the {side} side"
+    assert info.value.exit_code == EXIT_USAGE
+
+
+# --- --max-delete ---------------------------------------------------------------------------
+
+TEN = {"records.parquet": b"p", **{f"_derived/f{i}": b"%d" % i for i in range(9)}}
+
+
+def pull_deleting(n: int, max_delete: MaxDelete, **policy_kw):
+    """A pull whose remote lacks n of the 10 local files."""
+    remote = {k: v for i, (k, v) in enumerate(TEN.items()) if i == 0 or i > n}
+    return plan(manifest_of(TEN), manifest_of(remote), "pull", Policy(**policy_kw), max_delete)
+
+
+@pytest.mark.parametrize(("n", "limit", "allowed"), [
+    (5, "50%", True),   # exactly half: not more than the limit
+    (6, "50%", False),
+    (1, "10%", True),
+    (2, "10%", False),
+    (3, "3", True),
+    (4, "3", False),
+    (1, "0", False),
+    (1, "0%", False),
+    (9, "100%", True),
+    (2, "12.5%", False),
+    (1, "12.5%", True),
+])
+def test_max_delete_limits(n: int, limit: str, allowed: bool) -> None:
+    md = parse_max_delete(limit)
+    if allowed:
+        assert len(pull_deleting(n, md).delete) == n
+        return
+    with pytest.raises(RefusedError) as info:
+        pull_deleting(n, md)
+    assert info.value.message == (f"the pull would delete {n} of 10 local files, more than --max-delete "
+                                  f"{limit.strip()}")
+    assert info.value.hint.startswith("check the source is complete; if the deletions are intended")
+    assert info.value.exit_code == 6
+
+
+def test_max_delete_counts_only_in_scope_destination_files() -> None:
+    """With --skip-snapshots, the percentage is of the files that could be deleted at all."""
+    local = {**TEN, **{f"_snapshots/s{i}": b"s" for i in range(30)}}
+    remote = {k: v for i, (k, v) in enumerate(TEN.items()) if i != 1} | {f"_snapshots/s{i}": b"s" for i in range(30)}
+    p = plan(manifest_of(local), manifest_of(remote), "pull", Policy(skip_snapshots=True), parse_max_delete("10%"))
+    assert p.delete == ["_derived/f0"]
+    with pytest.raises(RefusedError, match=r"delete 2 of 10 local files"):
+        pull_deleting(2, parse_max_delete("10%"), skip_snapshots=True)
+
+
+def test_no_deletions_never_trip_a_zero_limit() -> None:
+    p = plan(manifest_of(REMOTE), manifest_of(REMOTE), "pull", max_delete=parse_max_delete("0"))
+    assert p.noop
+
+
+@pytest.mark.parametrize(("text", "parsed", "shown"), [
+    ("10", MaxDelete(count=10), "10"),
+    ("0", MaxDelete(count=0), "0"),
+    (" 7 ", MaxDelete(count=7), "7"),
+    ("50%", MaxDelete(percent=50.0), "50%"),
+    ("12.5%", MaxDelete(percent=12.5), "12.5%"),
+    ("0%", MaxDelete(percent=0.0), "0%"),
+    ("100%", MaxDelete(percent=100.0), "100%"),
+])
+def test_parse_max_delete_good(text: str, parsed: MaxDelete, shown: str) -> None:
+    assert parse_max_delete(text) == parsed
+    assert str(parsed) == shown
+
+
+@pytest.mark.parametrize(("text", "message", "hint"), [
+    ("", "--max-delete '' is neither a count nor a percentage", "use a number of files (e.g. 10)"),
+    ("abc", "--max-delete 'abc' is neither a count nor a percentage", "use a number of files (e.g. 10)"),
+    ("-1", "--max-delete '-1' is neither a count nor a percentage", "use a number of files (e.g. 10)"),
+    ("1.5", "--max-delete '1.5' is neither a count nor a percentage", "use a number of files (e.g. 10)"),
+    ("50%%", "--max-delete '50%%' is neither a count nor a percentage", "use a number of files (e.g. 10)"),
+    ("%", "--max-delete '%' is neither a count nor a percentage", "use a number of files (e.g. 10)"),
+    ("1e3", "--max-delete '1e3' is neither a count nor a percentage", "use a number of files (e.g. 10)"),
+    ("101%", "--max-delete '101%' is over 100%", "use a percentage from 0% to 100%"),
+])
+def test_parse_max_delete_bad(text: str, message: str, hint: str) -> None:
+    with pytest.raises(UsrError) as info:
+        parse_max_delete(text)
+    assert info.value.message == message
+    assert info.value.hint.startswith(hint)
+    assert info.value.exit_code == EXIT_USAGE
+
+
+# --- .events.log refusals ---------------------------------------------------------------------
+
+
+def events(relation: str, local_lines: int, remote_lines: int, common: int) -> EventsState:
+    return EventsState(relation=relation, local_lines=local_lines, remote_lines=remote_lines, common_lines=common,
+                       local_past_common=local_lines - common, remote_past_common=remote_lines - common)
+
+
+LOG_LOCAL = {**REMOTE, ".events.log": b"a\nb\nc\n"}
+LOG_REMOTE = {**REMOTE, ".events.log": b"a\nx\ny\nz\n"}
+
+
+@pytest.mark.parametrize(("direction", "state", "message"), [
+    ("pull", events("diverged", 3, 4, 1),
+     ".events.log has diverged: local has 2 and remote has 3 lines past the 1 lines they share"),
+    ("push", events("diverged", 3, 4, 1),
+     ".events.log has diverged: local has 2 and remote has 3 lines past the 1 lines they share"),
+    ("pull", events("local_ahead", 5, 2, 2),
+     ".events.log on the local side has 3 lines the other side lacks; a pull would drop them"),
+    ("push", events("remote_ahead", 2, 6, 2),
+     ".events.log on the remote side has 4 lines the other side lacks; a push would drop them"),
+])
+def test_events_refusals(direction: str, state: EventsState, message: str) -> None:
+    with pytest.raises(RefusedError) as info:
+        plan(manifest_of(LOG_LOCAL), manifest_of(LOG_REMOTE), direction, events=state)
+    assert info.value.message == message
+    assert info.value.hint == ("reconcile the two .events.log files by hand (append the missing lines on one "
+                               "side), then rerun")
+    assert info.value.exit_code == 6
+
+
+@pytest.mark.parametrize(("direction", "relation"), [
+    ("pull", "remote_ahead"), ("pull", "equal"), ("push", "local_ahead"), ("push", "equal"),
+])
+def test_events_fast_forward_is_allowed(direction: str, relation: str) -> None:
+    p = plan(manifest_of(LOG_LOCAL), manifest_of(LOG_REMOTE), direction, events=events(relation, 3, 3, 3))
+    assert ".events.log" in p.copy
+
+
+def test_events_out_of_scope_is_not_checked() -> None:
+    p = plan(manifest_of(LOG_LOCAL), manifest_of(LOG_REMOTE), "pull", Policy(primary_only=True),
+             events=events("diverged", 3, 4, 1))
+    assert p.copy == []
+    assert ".events.log" in p.link
+
+
+# --- properties -----------------------------------------------------------------------------
+
+PATHS = ["records.parquet", "meta.md", ".events.log", "_snapshots/s1", "_snapshots/s2", "_derived/a",
+         "_derived/b/c", "notes.txt", "x/y"]
+side = st.dictionaries(st.sampled_from(PATHS), st.sampled_from([b"", b"a", b"b", b"ab"]), max_size=len(PATHS))
+
+
+@settings(max_examples=200, deadline=None)
+@given(side, side, st.sampled_from(["pull", "push"]), st.booleans(), st.booleans(), st.booleans())
+def test_plan_stages_exactly_the_mirror(lfiles, rfiles, direction, primary_only, skip_snapshots, sidecars) -> None:
+    lfiles.setdefault("records.parquet", b"p")
+    rfiles.setdefault("records.parquet", b"q")
+    policy = Policy(primary_only=primary_only, skip_snapshots=skip_snapshots, sidecars=sidecars)
+    p = plan(manifest_of(lfiles), manifest_of(rfiles), direction, policy)
+    source, dest = (rfiles, lfiles) if direction == "pull" else (lfiles, rfiles)
+    in_scope = {path for path in PATHS if policy.in_scope(classify(path))}
+    staged = {k: v for k, v in source.items() if k in in_scope} | {k: v for k, v in dest.items() if k not in in_scope}
+    assert p.expected == {k: target(v) for k, v in staged.items()}
+    assert set(p.copy).isdisjoint(p.link)
+    assert sorted(p.copy + p.link) == sorted(p.expected)
+    assert p.delete == sorted(k for k in dest if k in in_scope and k not in source)
+    assert all(dest.get(k) != v for k, v in staged.items() if k in p.copy)
+    assert all(dest[k] == v for k, v in staged.items() if k in p.link)
+    assert p.noop == (staged == dest)
+    assert set(p.reread) <= set(p.copy)
