@@ -23,7 +23,7 @@ import msgspec
 
 from usrsync import __version__, audit, config, render
 from usrsync.dataset import parse_dataset
-from usrsync.errors import EXIT_DIFFERENT, EXIT_USAGE, UsrError
+from usrsync.errors import EXIT_DIFFERENT, EXIT_INTERRUPTED, EXIT_USAGE, UsrError
 from usrsync.log import configure as configure_logging
 from usrsync.plan import parse_max_delete
 
@@ -63,13 +63,13 @@ class UsrGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UsrError as exc:
-            render.print_error(exc.message, exc.hint)
+            render.print_error(exc.message, exc.hint, exc.exit_code)
             sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except KeyboardInterrupt:
-            render.print_error("interrupted", "rerun the same command to finish")
-            sys.exit(130)
+            render.print_error("interrupted", "rerun the same command to finish", EXIT_INTERRUPTED)
+            sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # `usr … | head`: the reader left; nothing to report
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
@@ -78,7 +78,7 @@ class UsrGroup(click.Group):
             if verbose:
                 traceback.print_exc()
             render.print_error(f"internal error: {type(exc).__name__}: {exc}",
-                               "rerun with -v for the traceback and report it")
+                               "rerun with -v for the traceback and report it", EXIT_USAGE)
             sys.exit(EXIT_USAGE)
 
 
@@ -96,6 +96,15 @@ def cli(ctx: click.Context, root, remotes_config, log_format, quiet, verbose) ->
     ctx.obj = Globals(root=root, remotes_config=remotes_config, log_format=log_format, quiet=quiet,
                       verbose=verbose)
     configure_logging(log_format, verbose=verbose, quiet=quiet)
+
+
+def complete_remote(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of remote names from the remotes config (nothing when it is unreadable)."""
+    try:
+        cfg = config.load_remotes(config.remotes_path(ctx.find_root().params.get("remotes_config")))
+    except UsrError:
+        return []
+    return [name for name in sorted(cfg.remotes) if name.startswith(incomplete)]
 
 
 def sync_options(func):
@@ -131,7 +140,7 @@ def sync_options(func):
 def _sync_command(action: str):
     def command(obj: Globals, dataset: str, remote: str, **opts) -> None:
         from usrsync import sync
-        from usrsync.progress import hooks_for
+        from usrsync.progress import terminal_hooks
 
         path, cfg = obj.load()
         profile = config.get_remote(cfg, remote, path)
@@ -149,14 +158,17 @@ def _sync_command(action: str):
             use_cache=not opts["no_cache"],
         )
         show = not obj.quiet and not opts["as_json"]
-        hooks = hooks_for(action, show_progress=opts["progress"] and show, ask=not opts["yes"])
-        doc, code = asyncio.run(sync.run(action, dataset_id, profile, root, options, hooks, opts["audit_json_out"]))
+        # JSON logs share stderr with the bars: a log shipper must see only JSON lines there.
+        bars = opts["progress"] and show and obj.log_format == "console"
+        with terminal_hooks(action, show_progress=bars, ask=not opts["yes"]) as hooks:
+            doc, code = asyncio.run(sync.run(action, dataset_id, profile, root, options, hooks,
+                                             opts["audit_json_out"]))
         if opts["as_json"]:
             sys.stdout.write(audit.encode(doc).decode())
         elif show:
             render.print_report(doc.data)
         if doc.data.error is not None:
-            render.print_error(doc.data.error.message, doc.data.error.hint)
+            render.print_error(doc.data.error.message, doc.data.error.hint, code)
             sys.exit(code)
         if action == "diff" and opts["exit_code"] and not doc.data.post.in_sync:
             sys.exit(EXIT_DIFFERENT)
@@ -177,7 +189,7 @@ def _register_sync(action: str, help_text: str, extra: list | None = None) -> No
     wrapper = sync_options(wrapper)
     for option in extra or []:
         wrapper = option(wrapper)
-    wrapper = click.argument("remote")(wrapper)
+    wrapper = click.argument("remote", shell_complete=complete_remote)(wrapper)
     wrapper = click.argument("dataset")(wrapper)
     cli.command(action, help=help_text, epilog=EXIT_CODES_HELP)(wrapper)
 
@@ -209,7 +221,7 @@ def remotes_list(obj: Globals) -> None:
 
 
 @remotes.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_remote)
 @click.pass_obj
 def remotes_show(obj: Globals, name: str) -> None:
     """Every setting of one remote, defaults included."""
@@ -251,7 +263,7 @@ def remotes_add(obj: Globals, name: str, kind: str, replace: bool, **fields) -> 
 
 
 @remotes.command("remove")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_remote)
 @click.pass_obj
 def remotes_remove(obj: Globals, name: str) -> None:
     """Remove a remote profile."""
@@ -262,7 +274,7 @@ def remotes_remove(obj: Globals, name: str) -> None:
 
 
 @remotes.command("doctor")
-@click.option("--remote", "name", required=True)
+@click.option("--remote", "name", required=True, shell_complete=complete_remote)
 @click.pass_obj
 def remotes_doctor(obj: Globals, name: str) -> None:
     """Check everything a sync with this remote needs, one line each."""
@@ -282,7 +294,7 @@ def remotes_doctor(obj: Globals, name: str) -> None:
 
 
 @remotes.command("ls")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_remote)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def remotes_ls(obj: Globals, name: str, as_json: bool) -> None:
@@ -310,7 +322,7 @@ def remotes_ls(obj: Globals, name: str, as_json: bool) -> None:
 
 
 @remotes.command("warm-auth")
-@click.option("--remote", "name", required=True)
+@click.option("--remote", "name", required=True, shell_complete=complete_remote)
 @click.option("--idle-timeout", type=click.FloatRange(1), default=3600, show_default=True, metavar="SECONDS",
               help="Close the kept connection after this long without a run.")
 @click.option("--stop", is_flag=True, help="Close the kept connection now.")
@@ -335,7 +347,7 @@ def remotes_warm_auth(obj: Globals, name: str, idle_timeout: float, stop: bool) 
 
 
 @remotes.command("status")
-@click.option("--remote", "name", help="Only this remote.")
+@click.option("--remote", "name", help="Only this remote.", shell_complete=complete_remote)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def remotes_status(obj: Globals, name: str | None, as_json: bool) -> None:
@@ -362,7 +374,7 @@ def remotes_status(obj: Globals, name: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("dataset")
-@click.option("--remote", help="Only runs against this remote.")
+@click.option("--remote", help="Only runs against this remote.", shell_complete=complete_remote)
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the audit documents as a JSON array.")
 @click.pass_obj

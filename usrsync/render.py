@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
+import structlog
 from rich.console import Console
 from rich.table import Table
 
-from usrsync import audit
+from usrsync import audit, log
 
 SECTION_ROWS = (
     ("primary", "primary"),
@@ -89,13 +90,17 @@ def decision_line(data: audit.AuditData) -> str:
 def print_report(data: audit.AuditData) -> None:
     if data.primary is not None:  # a run that failed before comparing has no sections to show
         stdout.print(section_table(data))
-    for warning in data.warnings:
-        stderr.print(f"warning: {warning}", markup=False)
+    if not log.json_mode():  # with JSON logs the run's `finished` event carries the warnings
+        for warning in data.warnings:
+            stderr.print(f"warning: {warning}", markup=False)
     if data.error is None:
         stdout.print(decision_line(data), markup=False)
 
 
-def print_error(message: str, hint: str | None) -> None:
+def print_error(message: str, hint: str | None, exit_code: int | None = None) -> None:
+    """The `error:` and `hint:` lines (cron mail shows them); with JSON logs an `error` event first."""
+    if log.json_mode():
+        structlog.get_logger("usrsync").error("error", message=message, hint=hint, exit_code=exit_code)
     print(f"error: {message}", file=sys.stderr)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
