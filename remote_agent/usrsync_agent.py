@@ -95,8 +95,15 @@ def classify(relpath):
     return AUXILIARY
 
 
+# Matches every path unsafe_path_reason() rejects (and a few it accepts): one C-level search
+# clears the common case, the checks below run only on a match.
+_MAYBE_UNSAFE_RE = re.compile(r"[\x00\n\r]|^/|(?:^|/)\.{0,2}(?:/|$)")
+
+
 def unsafe_path_reason(relpath):
     """Why a relative path from the other side must not be used, or None when it is safe."""
+    if isinstance(relpath, str) and not _MAYBE_UNSAFE_RE.search(relpath):
+        return None
     if not isinstance(relpath, str) or not relpath:
         return "empty path"
     if "\x00" in relpath or "\n" in relpath or "\r" in relpath:
@@ -336,8 +343,13 @@ def _kind(rel, st):
     return KIND_SPECIAL
 
 
+_isascii = getattr(str, "isascii", None)  # Python >= 3.7
+
+
 def fs_path(root, rel):
     """The OS path of a UTF-8 relpath from a manifest, in this interpreter's filesystem encoding."""
+    if _isascii is not None and _isascii(rel) and not rel.startswith("/"):
+        return root + "/" + rel  # ASCII is the same in every filesystem encoding
     return os.path.join(root, os.fsdecode(rel.encode("utf-8")))
 
 
@@ -356,6 +368,9 @@ def scan(root):
             # Relpaths are UTF-8 text whatever the locale (Python 3.6 under LANG=C decodes names
             # as ASCII); a name that is not UTF-8 is shown with backslash escapes.
             rel = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        if "\n" in rel or "\r" in rel:  # no manifest may carry it: reported (escaped), never transferred
+            kind = KIND_BADNAME
+            rel = rel.replace("\r", "\\r").replace("\n", "\\n")
         items.append((rel, kind, st))
     items.sort(key=lambda item: item[0])
     return items
@@ -447,8 +462,19 @@ def _pid_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # another user's process: it exists
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid):
+    """A dead process nobody has reaped: its parent exited first and PID 1 does not reap
+    (a bare container init). It holds nothing, but kill(pid, 0) still finds it."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return False
+    return data[data.rfind(b")") + 2:][:1] == b"Z"
 
 
 class Lock(object):
@@ -521,8 +547,13 @@ class Lock(object):
                 info["flock"] = True  # contenders may read a free flock as our death
             except (ImportError, OSError):
                 pass  # Lustre/NFS without flock: O_EXCL and the heartbeat still hold
-        os.write(fd, json.dumps(info).encode("utf-8"))
-        os.fsync(fd)
+        try:
+            os.write(fd, json.dumps(info).encode("utf-8"))
+            os.fsync(fd)
+        except OSError:  # e.g. a full disk: an empty lock file would block every run until stale
+            os.close(fd)
+            os.unlink(self.path)
+            raise
         self.fd = fd
         return True
 
@@ -669,6 +700,7 @@ def stage(base_dir, dataset, txid, link):
     makedirs(os.path.dirname(staging))
     os.mkdir(staging, 0o755)
     linked = 0
+    made = set()  # parent dirs created so far: makedirs per file costs as much as the link
     for rel in link:
         reason = unsafe_path_reason(rel)
         if reason:
@@ -677,9 +709,11 @@ def stage(base_dir, dataset, txid, link):
         st = os.lstat(src)
         if not stat.S_ISREG(st.st_mode):
             raise AgentError("unsafe_path", "refusing to stage %r: not a regular file" % rel)
-        dst = fs_path(staging, rel)
-        makedirs(os.path.dirname(dst))
-        os.link(src, dst, follow_symlinks=False)
+        parent = rel.rpartition("/")[0]
+        if parent and parent not in made:
+            makedirs(fs_path(staging, parent))
+            made.add(parent)
+        os.link(src, fs_path(staging, rel), follow_symlinks=False)
         linked += 1
     return {"staging": staging, "linked": linked}
 
@@ -984,7 +1018,11 @@ def list_datasets(base_dir):
 
 
 def encode_frame(obj, compress=False):
-    body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    return encode_body(json.dumps(obj, separators=(",", ":")).encode("utf-8"), compress)
+
+
+def encode_body(body, compress=False):
+    """Frame an already JSON-encoded body."""
     flags = 0
     if compress:
         body = zlib.compress(body, 1)
@@ -1081,9 +1119,13 @@ class Agent(object):
         self.locks = {}
         self.keepalive = 30.0  # seconds between progress frames; the orchestrator sets it in hello
         self._send_lock = threading.Lock()
+        self._release_lock = threading.Lock()  # serve() and watch_session() may both release
 
     def send(self, obj, compress=False):
-        data = encode_frame(obj, compress)
+        self.send_body(json.dumps(obj, separators=(",", ":")).encode("utf-8"), compress)
+
+    def send_body(self, body, compress=False):
+        data = encode_body(body, compress)
         with self._send_lock:  # the keepalive thread writes too
             self.out.write(data)
             self.out.flush()
@@ -1133,9 +1175,23 @@ class Agent(object):
                 progress=report.update if report else None,
                 progress_start=report.start if report else None,
             )
-        for i in range(0, len(entries), CHUNK_ENTRIES):
-            self.send({"id": rid, "type": "chunk", "items": entries[i:i + CHUNK_ENTRIES]}, compress=True)
-        return {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
+        reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
+        chunks = [json.dumps(entries[i:i + CHUNK_ENTRIES], separators=(",", ":"))
+                  for i in range(0, len(entries), CHUNK_ENTRIES)]
+        if "known" in args:
+            # The orchestrator keeps the last manifest we sent and tells us its digest: when ours
+            # is the same, a no-op run sends a digest instead of every entry.
+            digest = hashlib.sha256(json.dumps([exists, args["algo"], root]).encode("utf-8"))
+            for chunk in chunks:
+                digest.update(chunk.encode("utf-8") + b"\n")
+            reply["digest"] = digest.hexdigest()
+            reply["unchanged"] = args["known"] == reply["digest"]
+            if reply["unchanged"]:
+                return reply
+        head = '{"id":%s,"type":"chunk","items":' % json.dumps(rid)
+        for chunk in chunks:
+            self.send_body((head + chunk + "}").encode("utf-8"), compress=True)
+        return reply
 
     def call_events_lines(self, args, rid):
         root = dataset_dir(args["base_dir"], args["dataset"])
@@ -1232,9 +1288,10 @@ class Agent(object):
                        "error": {"kind": type(exc).__name__, "message": str(exc), "detail": {}}})
 
     def release_all(self):
-        for lock in list(self.locks.values()):
-            lock.release()
-        self.locks.clear()
+        with self._release_lock:
+            for lock in list(self.locks.values()):
+                lock.release()
+            self.locks.clear()
 
 
 def serve(nonce):
@@ -1286,10 +1343,8 @@ def watch_session(agent):
             pass
         try:
             agent.release_all()
-        except Exception:  # noqa: BLE001 - the main thread may be releasing them too
-            pass
         finally:
-            os._exit(0)
+            os._exit(0)  # whatever the main thread is doing: nobody is listening any more
 
     thread = threading.Thread(target=watch, name="usrsync-session-watch")
     thread.daemon = True

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import rig as rigmod
 import tomli_w
+from helpers import Sides
 from rig import SshRig
 
 _XDG_VARS = ("XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR")
@@ -77,3 +78,9 @@ def remotes_config(tmp_path: Path, sshd_rig: SshRig, fresh_remote_base: Path) ->
     path = tmp_path / "remotes.toml"
     path.write_text(tomli_w.dumps({"root": str(local)}) + "\n" + sshd_rig.remotes_toml(base_dir=fresh_remote_base))
     return path
+
+
+@pytest.fixture
+def sides(remotes_config: Path, fresh_remote_base: Path, sshd_rig: SshRig, tmp_path: Path) -> Sides:
+    """densegen/my_dataset under this test's local root and remote base dir (both empty)."""
+    return Sides(remotes_config, tmp_path / "local", fresh_remote_base, sshd_rig)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shlex
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import rig as rigmod
 import tomli_w
 
@@ -56,12 +59,21 @@ def write_tree(root: Path, files: Mapping[str, bytes]) -> None:
 
 
 def tree_state(root: Path) -> Tree:
-    """Every regular file below `root`: its bytes and its mtime to the second."""
+    """Every non-directory below `root` with its mtime to the second, and its bytes: a regular
+    file's content, a symlink's target (`symlink:<target>`), else `special:<mode>` (a FIFO
+    must never be opened: that blocks)."""
     state: Tree = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
+    for dirpath, dirs, names in os.walk(root):
+        for name in names + [d for d in dirs if Path(dirpath, d).is_symlink()]:
             path = Path(dirpath, name)
-            state[path.relative_to(root).as_posix()] = (path.read_bytes(), int(path.stat().st_mtime))
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                content = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                content = b"symlink:" + os.fsencode(os.readlink(path))
+            else:
+                content = b"special:%o" % stat.S_IFMT(st.st_mode)
+            state[path.relative_to(root).as_posix()] = (content, int(st.st_mtime))
     return state
 
 
@@ -226,3 +238,17 @@ def agent_double(directory: Path, script: Path, variant: str) -> Path:
                        f'{shlex.quote(variant)} "$@"\n')
     wrapper.chmod(0o755)
     return wrapper
+
+
+def write_to_terminal(config: pytest.Config, title: str, lines: Sequence[str]) -> None:
+    """Write a report to the terminal past pytest's output capture, so it shows on success too."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        print(title, *lines, sep="\n")
+        return
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        reporter.ensure_newline()
+        reporter.write_sep("-", title)
+        for line in lines:
+            reporter.write_line(line)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -269,10 +270,11 @@ def archive_dir(dataset: str) -> Path:
 
 
 def archive(doc: AuditDocument) -> Path:
-    """Keep every run's audit under the state dir, named so names sort by time."""
+    """Keep every run's audit under the state dir, named so names sort by time: the start second,
+    then (runs started within the same second) the archiving time in ns."""
     data = doc.data
     stamp = data.started_at.replace(":", "").replace("-", "")
-    name = f"{stamp}-{data.action}-{data.remote.name}-{data.txid or 'none'}.json"
+    name = f"{stamp}-{time.time_ns():020d}-{data.action}-{data.remote.name}-{data.txid or 'none'}.json"
     path = archive_dir(data.dataset) / name
     write_atomic(path, doc)
     return path

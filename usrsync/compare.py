@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Literal
 
 import msgspec
@@ -121,6 +123,58 @@ def _same(a: Entry, b: Entry, policy: Policy, primary_shapes: tuple | None) -> b
     return a.size == b.size and a.digest == b.digest
 
 
+_path = operator.attrgetter("path")
+
+
+def _same_paths(lfiles: list[Entry], rfiles: list[Entry], sections: dict[str, SectionDelta], policy: Policy,
+                primary_shapes: tuple | None) -> bool:
+    """The daily case, both sides holding the same paths: bucket them and return True; else False.
+
+    Identical entries are the same file under every policy (unless parquet shapes differ), so
+    only the few unequal pairs need a closer look; the C-level struct comparison does the rest.
+    """
+    if len(lfiles) != len(rfiles) or (primary_shapes is not None and primary_shapes[0] != primary_shapes[1]):
+        return False
+    unequal = [i for i, (a, b) in enumerate(zip(lfiles, rfiles)) if a != b]
+    if any(lfiles[i].path != rfiles[i].path for i in unequal):
+        return False
+    differing = {i for i in unequal if not _same(lfiles[i], rfiles[i], policy, primary_shapes)}
+    for i, a in enumerate(lfiles):
+        delta = sections[a.section]
+        (delta.differing if i in differing else delta.same).append(a.path)
+    for delta in sections.values():
+        delta.local_files = delta.remote_files = len(delta.same) + len(delta.differing)
+    return True
+
+
+def _merge(lfiles: list[Entry], rfiles: list[Entry], sections: dict[str, SectionDelta], policy: Policy,
+           primary_shapes: tuple | None) -> None:
+    """Bucket the files of two path-sorted lists; a path on both sides goes by the local section."""
+    i = j = 0
+    nl, nr = len(lfiles), len(rfiles)
+    while i < nl or j < nr:
+        a = lfiles[i] if i < nl else None
+        b = rfiles[j] if j < nr else None
+        if b is None or (a is not None and a.path < b.path):
+            assert a is not None
+            delta = sections[a.section]
+            delta.local_files += 1
+            delta.local_only.append(a.path)
+            i += 1
+        elif a is None or b.path < a.path:
+            delta = sections[b.section]
+            delta.remote_files += 1
+            delta.remote_only.append(b.path)
+            j += 1
+        else:
+            delta = sections[a.section]
+            delta.local_files += 1
+            delta.remote_files += 1
+            (delta.same if _same(a, b, policy, primary_shapes) else delta.differing).append(a.path)
+            i += 1
+            j += 1
+
+
 def compare(
     local: Manifest,
     remote: Manifest,
@@ -132,23 +186,13 @@ def compare(
     """Per-section delta of two manifests: every file path lands in exactly one bucket."""
     lmap = {e.path: e for e in local.entries if e.kind == KIND_FILE}
     rmap = {e.path: e for e in remote.entries if e.kind == KIND_FILE}
-    specials = sorted({e.path for e in local.entries + remote.entries if e.kind != KIND_FILE})
+    specials = sorted({e.path for e in itertools.chain(local.entries, remote.entries) if e.kind != KIND_FILE})
     sections = {s: SectionDelta(section=s, in_scope=policy.in_scope(s)) for s in SECTIONS}
-    for path in sorted(lmap.keys() | rmap.keys()):
-        a, b = lmap.get(path), rmap.get(path)
-        delta = sections[(a or b).section]
-        if a is not None:
-            delta.local_files += 1
-        if b is not None:
-            delta.remote_files += 1
-        if b is None:
-            delta.local_only.append(path)
-        elif a is None:
-            delta.remote_only.append(path)
-        elif _same(a, b, policy, primary_shapes):
-            delta.same.append(path)
-        else:
-            delta.differing.append(path)
+    # Manifests come sorted by path, so sorting is a linear pass and the compare one merge.
+    lfiles = sorted(lmap.values(), key=_path)
+    rfiles = sorted(rmap.values(), key=_path)
+    if not _same_paths(lfiles, rfiles, sections, policy, primary_shapes):
+        _merge(lfiles, rfiles, sections, policy, primary_shapes)
     return Comparison(
         sections=sections, local=lmap, remote=rmap, local_exists=local.exists,
         remote_exists=remote.exists, events=events, specials=specials,

@@ -34,6 +34,7 @@ class RemoteProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, om
     rsync_path: str = "rsync"
     transport: Literal["asyncssh", "openssh"] = "asyncssh"
     lock_timeout: float = 300
+    agent_timeout: float = 300  # seconds the remote agent may stay silent before the run gives up
 
 
 class Remote(msgspec.Struct, frozen=True):
@@ -176,8 +177,10 @@ def _check_profile(p: RemoteProfile) -> tuple[str, str] | None:
             return f'key "user" is not a valid user name: {_q(p.user)}', "set it to the remote login name, or remove it"
     if p.port is not None and not 1 <= p.port <= 65535:
         return f'key "port" must be between 1 and 65535, got {p.port}', "remove it to use 22 or the ssh config's Port"
-    if not math.isfinite(p.lock_timeout) or p.lock_timeout <= 0:
-        return f'key "lock_timeout" must be a positive number of seconds, got {p.lock_timeout}', "remove it to use 300"
+    for key in ("lock_timeout", "agent_timeout"):
+        value = getattr(p, key)
+        if not math.isfinite(value) or value <= 0:
+            return f"key {_q(key)} must be a positive number of seconds, got {value}", "remove it to use 300"
     for key in ("identity_file", "known_hosts"):
         value = getattr(p, key)
         # Relative paths would depend on the cwd, which differs under cron.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -12,14 +13,23 @@ from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
 from usrsync.errors import ProtocolError
 
 KIND_FILE = engine.KIND_FILE
+# Hashing progress: (files, bytes) hashed so far of (total_files, total_bytes) to hash.
+HashProgress = Callable[[int, int, int, int], None]
 
 
-class Entry(msgspec.Struct, array_like=True, frozen=True):
+Section = Literal["primary", "meta", ".events.log", "_snapshots", "_derived", "_auxiliary"]
+Kind = Literal["file", "symlink", "special", "badname"]
+
+
+class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One file of a manifest. Millions of these are normal, so: no GC tracking (they hold only
+    str/int), and Literal section/kind so decoding shares one string object instead of a copy each."""
+
     path: str
-    section: str
+    section: Section
     size: int
     mtime_ns: int
-    kind: str
+    kind: Kind
     digest: str
     lines: int | None = None
 
@@ -31,6 +41,10 @@ class Manifest(msgspec.Struct):
 
     def by_path(self) -> dict[str, Entry]:
         return {e.path: e for e in self.entries}
+
+    def get(self, path: str) -> Entry | None:
+        """One entry, without building a dict of them all."""
+        return next((e for e in self.entries if e.path == path), None)
 
     def files(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == KIND_FILE]
@@ -68,12 +82,21 @@ def local_manifest(
     cache_dir: Path | None = None,
     hash_sections: set[str] | None = None,
     trusted: dict[str, list] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: HashProgress | None = None,
 ) -> Manifest:
     if not root.is_dir():
         return Manifest(exists=False, algo=algo, entries=[])
+    totals = [0, 0]
+
+    def start(files: int, nbytes: int) -> None:
+        totals[:] = [files, nbytes]
+        if progress is not None:
+            progress(0, 0, files, nbytes)
+
     raw = engine.build_manifest(
         str(root), algo, jobs=jobs, cache_dir=str(cache_dir) if cache_dir else None,
-        use_cache=use_cache, hash_sections=hash_sections, trusted=trusted, progress=progress,
+        use_cache=use_cache, hash_sections=hash_sections, trusted=trusted,
+        progress=(lambda files, nbytes: progress(files, nbytes, *totals)) if progress else None,
+        progress_start=start if progress else None,
     )
     return Manifest(exists=True, algo=algo, entries=msgspec.convert(raw, list[Entry]))

@@ -41,7 +41,7 @@ def parse_max_delete(text: str) -> MaxDelete:
     return MaxDelete(count=int(match.group(1)))
 
 
-class FileTarget(msgspec.Struct, array_like=True, frozen=True):
+class FileTarget(msgspec.Struct, array_like=True, frozen=True, gc=False):  # one per file: no GC tracking
     size: int
     digest: str
 

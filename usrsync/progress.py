@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from usrsync import audit, render
 from usrsync.plan import TransferPlan
@@ -17,28 +27,36 @@ class Bars:
 
     def __init__(self) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(binary_units=True),
             TransferSpeedColumn(), TimeRemainingColumn(), console=render.stderr, transient=True,
         )
         self.tasks: dict[str, int] = {}
+        self.shown: dict[str, int] = {}  # bytes shown per bar: it only ever grows
+        self.labels: dict[str, str] = {}
         self.started = False
 
-    def _task(self, name: str, total: int | None) -> int:
+    def hashing(self, side: str, files: int, nbytes: int, total_files: int, total_bytes: int) -> None:
+        name = f"hashing {side}"
+        if files == 0 and name in self.tasks:
+            # A later scan of that side (the checks after the copy): a bar of its own, so that no
+            # bar ever goes back to 0 %.
+            self.progress.remove_task(self.tasks.pop(name))
+            del self.shown[name]
+            self.labels[name] = f"checking {side}"
+        label = self.labels.get(name, name)
+        self._advance(name, nbytes, total_bytes, f"{label} ({files}/{total_files} files)")
+
+    def transfer(self, files: int, nbytes: int, total: int) -> None:
+        self._advance("transfer", nbytes, total, f"transfer ({files} files)")
+
+    def _advance(self, name: str, done: int, total: int, description: str) -> None:
         if not self.started:
             self.progress.start()
             self.started = True
-        if name not in self.tasks:
-            self.tasks[name] = self.progress.add_task(name, total=total)
-        return self.tasks[name]
-
-    def hashing(self, side: str, files: int, nbytes: int) -> None:
-        task = self._task(f"hashing {side}", None)
-        self.progress.update(task, completed=nbytes, description=f"hashing {side} ({files} files)")
-
-    def transfer(self, files: int, nbytes: int, total: int) -> None:
-        task = self._task("transfer", total)
-        done = max(self.progress.tasks[task].completed, min(nbytes, total))
-        self.progress.update(task, completed=done, description=f"transfer ({files} files)")
+        if name not in self.tasks:  # created with its description: a refresh may come before update()
+            self.tasks[name] = self.progress.add_task(description, total=total)
+        self.shown[name] = max(self.shown.get(name, 0), min(done, total))
+        self.progress.update(self.tasks[name], completed=self.shown[name], description=description)
 
     def stop(self) -> None:
         if self.started:
@@ -46,7 +64,9 @@ class Bars:
             self.started = False
 
 
-def hooks_for(action: str, *, show_progress: bool, ask: bool) -> Hooks:
+@contextlib.contextmanager
+def terminal_hooks(action: str, *, show_progress: bool, ask: bool) -> Iterator[Hooks]:
+    """The run's hooks; on leaving, the bars are gone and the terminal's cursor is back."""
     bars = Bars() if show_progress and sys.stderr.isatty() else None
 
     def confirm(data: audit.AuditData, plan: TransferPlan) -> bool:
@@ -57,8 +77,12 @@ def hooks_for(action: str, *, show_progress: bool, ask: bool) -> Hooks:
                     f"delete {len(plan.delete)}?")
         return click.confirm(question, default=False, err=True)
 
-    return Hooks(
-        confirm=confirm if ask else None,
-        hash_progress=bars.hashing if bars else None,
-        transfer_progress=bars.transfer if bars else None,
-    )
+    try:
+        yield Hooks(
+            confirm=confirm if ask else None,
+            hash_progress=bars.hashing if bars else None,
+            transfer_progress=bars.transfer if bars else None,
+        )
+    finally:
+        if bars is not None:
+            bars.stop()

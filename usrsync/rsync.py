@@ -481,6 +481,10 @@ def run_rsync(
         except BaseException:  # e.g. KeyboardInterrupt in a caller's thread: leave nothing behind
             _stop_group(proc, pgid, _KILL_GRACE_SECONDS)
             raise
+        if _live_group_members(pgid):
+            # rsync died (killed, crashed) and left its forked receiver or the remote shell running,
+            # still writing into the destination: they must be gone before the caller cleans it up.
+            _stop_group(proc, pgid, _KILL_GRACE_SECONDS)
         proc.wait()  # reaps it and joins sh's reader threads, so every line has been handled
     exit_code = proc.exit_code
     if failure:

@@ -12,6 +12,7 @@ import msgspec
 from usrsync.compare import EventsLines
 from usrsync.config import Remote
 from usrsync.errors import ConfigError, LockedError, RemoteError
+from usrsync import manifest_copy
 from usrsync.manifest import Entry, HashProgress, Manifest, validate_remote_entries
 from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
 from usrsync.transport import transport_for
@@ -49,6 +50,8 @@ class ManifestReply(msgspec.Struct):
     count: int
     algo: str
     root: str
+    digest: str | None = None  # of the entries as sent (see usrsync.manifest_copy)
+    unchanged: bool = False  # the entries equal our copy with the digest we sent: none were sent
 
 
 class LinesReply(msgspec.Struct):
@@ -146,13 +149,24 @@ class RemoteSession:
     async def manifest(self, dataset: str, algo: str, *, jobs: int, use_cache: bool,
                        hash_sections: set[str] | None = None, trusted: dict[str, list] | None = None,
                        progress: HashProgress | None = None) -> Manifest:
+        copy = manifest_copy.copy_path(self.remote, self.base.base_dir, dataset, algo)
+        known = manifest_copy.known_digest(copy) if use_cache else None
         args = self._args(dataset, algo=algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
-                          trusted=trusted, progress=progress is not None)
+                          trusted=trusted, progress=progress is not None, known=known)
         reply, entries = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
-        if reply.count != len(entries) or reply.algo != algo:
+        if reply.unchanged and known is not None and reply.digest == known:
+            saved = manifest_copy.load(copy, known)
+            if saved is not None and len(saved) == reply.count:
+                return Manifest(exists=reply.exists, algo=algo, entries=saved)
+            # Our copy changed or broke since we read its digest: have the entries sent.
+            args["known"] = None
+            reply, entries = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
+        if reply.unchanged or reply.count != len(entries) or reply.algo != algo:
             raise RemoteError("the remote manifest is incomplete", "rerun the command")
         validate_remote_entries(entries)
+        if reply.digest is not None:
+            await asyncio.to_thread(manifest_copy.save, copy, reply.digest, entries)
         return Manifest(exists=reply.exists, algo=algo, entries=entries)
 
     async def events_lines(self, dataset: str) -> EventsLines:

@@ -127,6 +127,10 @@ class Run:
         except asyncio.TimeoutError:  # a single agent call outlived session.CALL_TIMEOUT
             exit_code = self._fail("remote", f"the remote agent on {self.remote.display_host} did not finish a call",
                                    "rerun the same command: nothing was promoted half-way", RemoteError.exit_code)
+        except OSError as exc:  # this machine's filesystem: a full disk, a permission
+            exit_code = self._fail("transfer", f"a local file operation failed: {exc}",
+                                   "fix the cause (free space, permissions) and rerun the same command; the live "
+                                   "dataset is the old or the new one, never a mix", TransferError.exit_code)
         except (KeyboardInterrupt, asyncio.CancelledError):
             interrupted = True
             exit_code = self._fail("interrupted", "interrupted", "rerun the same command to finish the sync",
@@ -276,7 +280,7 @@ class Run:
 
     async def _events_state(self, local: Manifest, remote: Manifest) -> EventsState | None:
         assert self.session is not None
-        lev, rev = local.by_path().get(EVENTS), remote.by_path().get(EVENTS)
+        lev, rev = local.get(EVENTS), remote.get(EVENTS)
         if lev is None and rev is None:
             return None
         if lev is not None and rev is not None and lev.digest == rev.digest and lev.size == rev.size:

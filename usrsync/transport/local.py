@@ -41,4 +41,11 @@ class LocalTransport(Transport):
         except asyncio.TimeoutError:
             self.process.kill()
             await self.process.wait()
+        if self.process.stdout is not None:
+            # Read what the agent left unread to EOF: a paused pipe transport left open would
+            # be closed by the garbage collector after the loop, printing a traceback.
+            try:
+                await asyncio.wait_for(self.process.stdout.read(), 10)
+            except asyncio.TimeoutError:
+                pass
         self.process = None
