@@ -1,0 +1,75 @@
+"""The last manifest each remote sent, kept on this machine.
+
+The agent digests the manifest it is about to send; when that equals the digest of our copy it
+answers "unchanged" and sends no entries. A no-op run then moves a few bytes instead of the
+whole manifest, and skips decoding and validating it. The copy is only a transport shortcut:
+the agent still scans (and hashes by its cache rules) every time, and a missing, corrupt or
+foreign copy just means the entries are sent again.
+
+File: the 64-hex digest, a newline, then the entries as msgpack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import msgspec
+
+from remote_agent import usrsync_agent as engine
+from usrsync.config import Remote
+from usrsync.manifest import Entry
+
+_DIGEST_LEN = 64
+_decoder = msgspec.msgpack.Decoder(list[Entry])
+
+
+def copy_path(remote: Remote, base_dir: str, dataset: str, algo: str) -> Path:
+    p = remote.profile
+    key = msgspec.json.encode([remote.name, p.host, p.port, p.user, base_dir, dataset, algo])
+    return Path(engine.default_cache_dir()) / "remote-manifests" / (hashlib.sha256(key).hexdigest()[:32] + ".msgpack")
+
+
+def known_digest(path: Path) -> str | None:
+    """The digest our copy was sent with, read without decoding the entries."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_DIGEST_LEN + 1)
+    except OSError:
+        return None
+    if len(head) != _DIGEST_LEN + 1 or head[-1:] != b"\n":
+        return None
+    digest = head[:-1].decode("ascii", "replace")
+    return digest if all(c in "0123456789abcdef" for c in digest) else None
+
+
+def load(path: Path, digest: str) -> list[Entry] | None:
+    """Our copy's entries if it (still) carries `digest` and decodes, else None."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if data[:_DIGEST_LEN + 1] != digest.encode("ascii") + b"\n":
+        return None
+    try:
+        return _decoder.decode(memoryview(data)[_DIGEST_LEN + 1:])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def save(path: Path, digest: str, entries: list[Entry]) -> None:
+    """Replace the copy atomically; a cache must never fail a run, so errors are ignored."""
+    if len(digest) != _DIGEST_LEN:
+        return
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(digest.encode("ascii") + b"\n")
+            handle.write(msgspec.msgpack.encode(entries))
+        os.replace(tmp, path)
+    except (OSError, UnicodeEncodeError):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
