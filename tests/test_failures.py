@@ -1,0 +1,238 @@
+"""Nothing is lost on failure: a pull or push that dies at any point leaves the live dataset on
+both sides exactly as it was, and rerunning the same command finishes the job.
+
+Failures are injected with the pause points (USRSYNC_PAUSE_AT / USRSYNC_REMOTE_PAUSE_AT) and
+real signals to real processes over the real sshd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import (
+    BASE_FILES,
+    Sides,
+    Tree,
+    child_pids,
+    load_audit,
+    pause_env,
+    paused_pid,
+    tree_state,
+    wait_for,
+    write_tree,
+)
+from rig import SshRig
+
+
+def _finish(proc: subprocess.Popen[str], marker: Path) -> tuple[int, str]:
+    """Release the pause point (if still held) and collect the run's exit code and stderr."""
+    marker.unlink(missing_ok=True)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def _failed(out: Path, code: int, stderr: str, kind: str) -> dict:
+    """The run failed with exit 5 and said so the same way in the audit and on stderr."""
+    assert code == 5, stderr
+    audit = load_audit(out)
+    assert audit["transfer_state"] == "FAILED"
+    assert audit["error"] == {**audit["error"], "kind": kind, "exit_code": 5}
+    error, hint = stderr.strip().splitlines()[-2:]
+    assert error == "error: " + audit["error"]["message"]
+    assert hint == "hint: " + audit["error"]["hint"]
+    return audit
+
+
+def _no_staging_left(root: Path) -> None:
+    staging = root / ".usrsync" / "staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
+
+
+def _rerun_succeeds(sides: Sides, action: str, tmp_path: Path) -> dict:
+    """Rerunning the same command finishes the job and leaves no staging behind."""
+    out = tmp_path / "rerun.json"
+    r = sides.run(action, "--audit-json-out", str(out))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(out)
+    assert audit["transfer_state"] == "TRANSFERRED"
+    assert audit["post"] == {**audit["post"], "verified": True, "in_sync": True}
+    sides.assert_in_sync()
+    _no_staging_left(sides.root)
+    _no_staging_left(sides.base)
+    return audit
+
+
+def _source_ahead(sides: Sides, action: str, files: dict[str, bytes]) -> tuple[Tree, Tree]:
+    """Both ends in sync, then `files` written on the source end; the states before the run."""
+    sides.seed_both()
+    source = sides.remote if action == "pull" else sides.local
+    write_tree(source, files)
+    sides.chown_remote()
+    return sides.states()
+
+
+# --- a) rsync killed mid-transfer ---------------------------------------------------------------
+
+# rsync reports each file on a pipe the orchestrator reads; paused at the first report, the pipe
+# fills up (64 KiB) and rsync blocks, so it is certainly still running when we kill it.
+MANY_LONG_NAMES = {f"_derived/ns/{i:04d}-{'x' * 200}.parquet": b"PAR1-%d" % i for i in range(400)}
+
+
+@pytest.mark.parametrize("action", ["pull", "push"])
+def test_rsync_killed_mid_transfer(sides: Sides, tmp_path: Path, action: str) -> None:
+    before = _source_ahead(sides, action, MANY_LONG_NAMES)
+    marker = tmp_path / "paused"
+    env = pause_env("mid-rsync", marker)
+    out = tmp_path / "failed.json"
+    proc = sides.start(action, "--audit-json-out", str(out), env=env)
+    try:
+        orchestrator = paused_pid(marker, proc)
+        assert orchestrator == proc.pid
+        rsyncs = child_pids(orchestrator, "rsync")
+        assert len(rsyncs) == 1
+        os.kill(rsyncs[0], signal.SIGKILL)
+    finally:
+        code, err = _finish(proc, marker)
+
+    audit = _failed(out, code, err, "transfer")
+    assert audit["transfer"]["rsync_exit"] == -signal.SIGKILL
+    assert audit["error"]["message"].startswith("rsync failed with exit -9 (rsync was killed by SIGKILL)")
+    assert sides.states() == before
+    _no_staging_left(sides.root)  # rsync's leftover processes were stopped before the cleanup
+    assert _rerun_succeeds(sides, action, tmp_path)["transfer"]["files"] == len(MANY_LONG_NAMES)
+
+
+# --- b) a staged file corrupted before verification ------------------------------------------
+
+
+def test_corrupted_staged_file_fails_verification(sides: Sides, tmp_path: Path) -> None:
+    before = _source_ahead(sides, "pull", {"meta.md": b"# my_dataset v2\n"})
+    marker = tmp_path / "paused"
+    env = pause_env("after-rsync", marker)
+    out = tmp_path / "failed.json"
+    proc = sides.start("pull", "--audit-json-out", str(out), env=env)
+    try:
+        paused_pid(marker, proc)
+        [staged] = (sides.root / ".usrsync" / "staging").glob("*/meta.md")
+        assert staged.read_bytes() == b"# my_dataset v2\n"
+        staged.write_bytes(b"# my_dataset v3\n")  # same size: only the content check can tell
+    finally:
+        code, err = _finish(proc, marker)
+
+    audit = _failed(out, code, err, "verification")
+    assert audit["error"]["message"] == (
+        "the staged copy does not match the source manifest: meta.md: content differs from the source manifest")
+    assert sides.states() == before
+    _no_staging_left(sides.root)
+    _rerun_succeeds(sides, "pull", tmp_path)
+    assert (sides.local / "meta.md").read_bytes() == b"# my_dataset v2\n"
+
+
+# --- c) the source changing during the transfer --------------------------------------------------
+
+
+def test_remote_changing_during_pull_is_not_promoted(sides: Sides, tmp_path: Path) -> None:
+    _source_ahead(sides, "pull", {"meta.md": b"# my_dataset v2\n"})
+    local_before = tree_state(sides.local)
+    marker = tmp_path / "paused"
+    env = pause_env("after-rsync", marker)
+    out = tmp_path / "failed.json"
+    proc = sides.start("pull", "--audit-json-out", str(out), env=env)
+    try:
+        paused_pid(marker, proc)
+        with open(sides.remote / ".events.log", "ab") as log:  # a batch job appends on the cluster
+            log.write(b'{"event":"attach","rows":99}\n')
+    finally:
+        code, err = _finish(proc, marker)
+
+    audit = _failed(out, code, err, "verification")
+    assert audit["error"]["message"] == "the remote dataset changed during the transfer"
+    assert tree_state(sides.local) == local_before
+    _no_staging_left(sides.root)
+    audit = _rerun_succeeds(sides, "pull", tmp_path)
+    assert audit[".events.log"] == {**audit[".events.log"], "local": 2, "remote": 3, "relation": "remote_ahead"}
+
+
+# --- d) the connection dropped before promotion ---------------------------------------------------
+
+
+def test_orchestrator_killed_during_remote_verify(sides: Sides, sshd_rig: SshRig, tmp_path: Path) -> None:
+    before = _source_ahead(sides, "push", {"_derived/ns/part-0002.parquet": b"PAR1derived-2"})
+    # The agent runs as the rig's user: its marker must be somewhere that user can write.
+    marker = sshd_rig.home / f"paused-{tmp_path.name}"
+    proc = sides.start("push", env=pause_env("before-verify", marker, remote=True))
+    try:
+        agent = paused_pid(marker, proc)
+        assert agent in {pid for pid, _ in sshd_rig.user_processes()}
+        proc.kill()  # SIGKILL: no cleanup of any kind, the TCP connection just drops
+        proc.wait(timeout=30)
+        # The agent must not outlive its session, even held in the middle of a call (the pause
+        # is not released before it is gone).
+        wait_for(lambda: agent not in {pid for pid, _ in sshd_rig.user_processes()},
+                 "the orphaned agent to exit", timeout=10)
+    finally:
+        code, _ = _finish(proc, marker)
+
+    assert code == -signal.SIGKILL
+    assert sides.states() == before
+    [leftover] = (sides.base / ".usrsync" / "staging").iterdir()
+
+    audit = _rerun_succeeds(sides, "push", tmp_path)
+    assert f"recovered: removed leftover staging {leftover.name}" in audit["warnings"]
+
+
+# --- e) readers during promotion ------------------------------------------------------------------
+
+
+def test_reader_sees_old_or_new_tree_never_a_mix(sides: Sides, tmp_path: Path) -> None:
+    old = {"_derived/ns/a.bin": b"old-a" * 100, "_derived/ns/b.bin": b"old-b" * 100}
+    new = {"_derived/ns/a.bin": b"new-a" * 100, "_derived/ns/b.bin": b"new-b" * 100}
+    sides.seed_both({**BASE_FILES, **old})
+    write_tree(sides.remote, new)
+    sides.chown_remote()
+
+    pairs: list[tuple[bytes, bytes]] = []
+    stop = threading.Event()
+
+    def read(dir_fd: int, rel: str) -> bytes:
+        fd = os.open(rel, os.O_RDONLY, dir_fd=dir_fd)
+        try:
+            return os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+
+    def reader() -> None:
+        for _ in range(1_000_000):
+            if stop.is_set():
+                return
+            dir_fd = os.open(sides.local, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                pairs.append((read(dir_fd, "_derived/ns/a.bin"), read(dir_fd, "_derived/ns/b.bin")))
+            except FileNotFoundError:
+                pass  # the old tree is being removed after the swap: gone, never mixed
+            finally:
+                os.close(dir_fd)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        r = sides.run("pull")
+        wait_for(lambda: bool(pairs) and pairs[-1][0].startswith(b"new"), "the reader to see the new tree")
+    finally:
+        stop.set()
+        thread.join(30)
+
+    assert r.returncode == 0, r.stderr
+    old_pair = (old["_derived/ns/a.bin"], old["_derived/ns/b.bin"])
+    new_pair = (new["_derived/ns/a.bin"], new["_derived/ns/b.bin"])
+    assert set(pairs) == {old_pair, new_pair}
+    # Reads are ordered: the old tree until the swap, the new one after it.
+    first_new = pairs.index(new_pair)
+    assert set(pairs[first_new:]) == {new_pair}
+    sides.assert_in_sync()
+

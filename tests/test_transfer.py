@@ -1,0 +1,461 @@
+"""Pull and push over the real sshd: the runbook's loop verbatim, incremental transfers,
+safety refusals, locks and flags. Failure injection lives in test_failures.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import (
+    BASE_FILES,
+    DATASET,
+    Sides,
+    load_audit,
+    pause_env,
+    paused_pid,
+    tree_state,
+    wait_for,
+    write_tree,
+)
+from rig import SshRig
+
+# The seed runbook's "Quick loop" block (seed/usr-sync-audit-loop.md), verbatim but for
+# `uv run usr` -> `usr` (a function running this checkout) and REMOTE="rig". The comment of
+# step 3 is where users make their local changes; `local_updates` is that hook.
+QUICK_LOOP = """\
+# Set dataset id used by pull/push calls.
+DATASET_ID="densegen/my_dataset"
+# Set configured remote profile name.
+REMOTE="rig"
+# Set local directory for audit JSON artifacts.
+AUDIT_DIR="${PWD}/.usr-sync-audit"
+# Create directory for audit JSON outputs.
+mkdir -p "$AUDIT_DIR"
+
+# 1) Preview before transfer and persist machine-readable diff state.
+usr diff "$DATASET_ID" "$REMOTE" \\
+  --audit-json-out "$AUDIT_DIR/diff-before-transfer.json"
+
+# 2) Pull remote -> local and capture machine-readable audit.
+usr pull "$DATASET_ID" "$REMOTE" -y \\
+  --audit-json-out "$AUDIT_DIR/pull.json"
+
+# 3) Optional local updates (notebook, infer write-back, overlay attach, etc.).
+local_updates
+# 4) Push local -> remote and capture machine-readable audit.
+usr push "$DATASET_ID" "$REMOTE" -y \\
+  --audit-json-out "$AUDIT_DIR/push.json"
+"""
+
+# The runbook's three decision checks, verbatim; AUDIT_JSON is pull.json or push.json.
+JQ_CHECKS = """\
+# Show transfer state and high-level change indicators.
+jq -r '.data | [.action, .transfer_state, .primary.changed, ._derived.changed, ._auxiliary.changed] | @tsv' \\
+  "$AUDIT_DIR/AUDIT_JSON"
+
+# Show contract version and verify profile.
+jq -r '[.usr_output_version, .data.verify.primary, .data.verify.sidecars, .data.verify.content_hashes] | @tsv' \\
+  "$AUDIT_DIR/AUDIT_JSON"
+
+# Show concrete file deltas for sidecar decisions.
+jq -r '.data | {derived_local_only: ._derived.local_only, derived_remote_only: ._derived.remote_only, aux_local_only: ._auxiliary.local_only, aux_remote_only: ._auxiliary.remote_only}' \\
+  "$AUDIT_DIR/AUDIT_JSON"
+"""
+
+LOCAL_UPDATES = """\
+printf 'PAR1derived-2' > _derived/ns/part-0002.parquet
+printf '{"event":"overlay","name":"ns"}\\n' >> .events.log
+mkdir -p _artifacts && printf '{"score": 1}\\n' > _artifacts/x.json
+"""
+
+
+def _bash(script: str, cwd: Path, sides: Sides, updates: str = "") -> subprocess.CompletedProcess[str]:
+    prelude = (
+        "set -euo pipefail\n"
+        f'usr() {{ "{sys.executable}" -m usrsync --remotes-config "{sides.cfg}" "$@"; }}\n'
+        f'local_updates() {{ ( cd "{sides.local}" && {updates or ":"}\n ); }}\n'
+    )
+    return subprocess.run(["bash", "-c", prelude + script], cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _quick_loop(sides: Sides, workdir: Path, updates: str = "") -> tuple[dict, dict, dict]:
+    workdir.mkdir()
+    r = _bash(QUICK_LOOP, workdir, sides, updates)
+    assert r.returncode == 0, r.stderr
+    audits = workdir / ".usr-sync-audit"
+    return (load_audit(audits / "diff-before-transfer.json"), load_audit(audits / "pull.json"),
+            load_audit(audits / "push.json"))
+
+
+def _jq(workdir: Path, name: str) -> tuple[str, str, dict]:
+    script = f'AUDIT_DIR="{workdir}/.usr-sync-audit"\n' + JQ_CHECKS.replace("AUDIT_JSON", name)
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    state_line, verify_line, deltas = r.stdout.split("\n", 2)
+    return state_line, verify_line, json.loads(deltas)
+
+
+def test_quick_loop_verbatim(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_remote()
+
+    # Bootstrap: nothing local yet, so the pull brings everything and the push has nothing to do.
+    diff, pull, push = _quick_loop(sides, tmp_path / "run1")
+    assert diff["transfer_state"] == "DIFF-ONLY" and diff["post"]["in_sync"] is False
+    assert pull["transfer_state"] == "TRANSFERRED"
+    assert pull["transfer"]["files"] == len(BASE_FILES)
+    assert pull["transfer"]["bytes"] == sum(map(len, BASE_FILES.values()))
+    assert pull["post"] == {**pull["post"], "verified": True, "in_sync": True}
+    assert push["transfer_state"] == "NO-OP"
+    sides.assert_in_sync()
+    assert {p: b for p, (b, _) in tree_state(sides.local).items()} == BASE_FILES
+
+    assert _jq(tmp_path / "run1", "pull.json") == (
+        "pull\tTRANSFERRED\ttrue\ttrue\ttrue",
+        "1\thash\tstrict\ton",
+        {"derived_local_only": [], "derived_remote_only": ["ns/part-0001.parquet"],
+         "aux_local_only": [], "aux_remote_only": ["notes/readme.txt"]},
+    )
+
+    # Local work between pull and push: a new overlay part, an event line, an artifact.
+    diff, pull, push = _quick_loop(sides, tmp_path / "run2", LOCAL_UPDATES)
+    assert diff["transfer_state"] == "DIFF-ONLY" and diff["post"]["in_sync"] is True
+    assert pull["transfer_state"] == "NO-OP"
+    assert push["transfer_state"] == "TRANSFERRED"
+    assert push["transfer"]["files"] == 3
+    assert push["transfer"]["linked"] == len(BASE_FILES) - 1  # all but the grown .events.log
+    assert push[".events.log"] == {**push[".events.log"], "changed": True, "local": 3, "remote": 2,
+                                   "relation": "local_ahead"}
+    assert push["post"] == {**push["post"], "verified": True, "in_sync": True}
+    sides.assert_in_sync()
+    local = tree_state(sides.local)
+    assert local["_artifacts/x.json"][0] == b'{"score": 1}\n'
+    assert local[".events.log"][0].endswith(b'{"event":"overlay","name":"ns"}\n')
+
+    assert _jq(tmp_path / "run2", "push.json") == (
+        "push\tTRANSFERRED\tfalse\ttrue\ttrue",
+        "1\thash\tstrict\ton",
+        {"derived_local_only": ["ns/part-0002.parquet"], "derived_remote_only": [],
+         "aux_local_only": ["_artifacts/x.json"], "aux_remote_only": []},
+    )
+
+    # Steady state: every step is a no-op and the final diff finds nothing.
+    diff, pull, push = _quick_loop(sides, tmp_path / "run3")
+    assert diff["post"]["in_sync"] is True
+    assert [diff[s]["changed"] for s in ("primary", "meta", ".events.log", "_snapshots", "_derived",
+                                         "_auxiliary")] == [False] * 6
+    assert (pull["transfer_state"], push["transfer_state"]) == ("NO-OP", "NO-OP")
+    assert _jq(tmp_path / "run3", "pull.json")[0] == "pull\tNO-OP\tfalse\tfalse\tfalse"
+    r = sides.run("diff", "--exit-code")
+    assert r.returncode == 0, r.stderr
+    sides.assert_in_sync()
+
+
+def test_pull_moves_only_the_changed_file_of_many(sides: Sides) -> None:
+    files = {**BASE_FILES, **{f"_derived/ns/part-{i:04d}.parquet": b"PAR1-%d" % i for i in range(2, 196)}}
+    assert len(files) == 200
+    sides.seed_both(files)
+    inodes = {p: (sides.local / p).stat().st_ino for p in files}
+    changed = "_derived/ns/part-0100.parquet"
+    (sides.remote / changed).write_bytes(b"PAR1-rewritten-in-place")
+
+    r = sides.run("pull", "--audit-json-out", str(sides.root / "pull.json"))
+
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(sides.root / "pull.json")
+    assert audit["transfer_state"] == "TRANSFERRED"
+    assert audit["transfer"] == {**audit["transfer"], "files": 1, "bytes": len(b"PAR1-rewritten-in-place"),
+                                 "deleted": 0, "linked": 199, "rsync_exit": 0}
+    assert audit["_derived"] == {**audit["_derived"], "changed": True, "differing": ["ns/part-0100.parquet"],
+                                 "local_only": [], "remote_only": []}
+    assert [s for s in ("primary", "meta", ".events.log", "_snapshots", "_auxiliary") if audit[s]["changed"]] == []
+    sides.assert_in_sync()
+    # The 199 unchanged files were hard-linked into staging, so they are the very same inodes.
+    after = {p: (sides.local / p).stat().st_ino for p in files}
+    assert [p for p in files if after[p] != inodes[p]] == [changed]
+
+
+# --- locks ------------------------------------------------------------------------------------
+
+
+def test_concurrent_pull_is_refused_naming_the_holder(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_remote()
+    marker = tmp_path / "paused"
+    first = sides.start("pull", env=pause_env("after-lock", marker))
+    try:
+        holder_pid = paused_pid(marker, first)
+        r = sides.run("pull", "--wait", "0", "--audit-json-out", str(tmp_path / "second.json"))
+    finally:
+        marker.unlink(missing_ok=True)
+        _, err = first.communicate(timeout=120)
+
+    assert r.returncode == 4, r.stderr
+    error, hint = r.stderr.strip().splitlines()[-2:]
+    assert error.startswith(f"error: dataset '{DATASET}' is locked on this machine by ")
+    assert f" pid {holder_pid} " in error
+    assert hint.startswith("hint: ") and "--wait" in hint
+    second = load_audit(tmp_path / "second.json")
+    assert second["transfer_state"] == "FAILED"
+    assert second["error"] == {**second["error"], "kind": "locked", "exit_code": 4}
+    assert first.returncode == 0, err
+    sides.assert_in_sync()
+
+
+def _agents(rig: SshRig) -> int:
+    return sum("usrsync_agent.py" in cmd and " serve " in cmd for _, cmd in rig.user_processes())
+
+
+def test_concurrent_pull_with_wait_runs_after_the_holder(sides: Sides, sshd_rig: SshRig, tmp_path: Path) -> None:
+    sides.seed_remote()
+    marker = tmp_path / "paused"
+    first = sides.start("pull", "--audit-json-out", str(tmp_path / "first.json"), env=pause_env("after-lock", marker))
+    second = None
+    try:
+        paused_pid(marker, first)
+        second = sides.start("pull", "--wait", "60", "--audit-json-out", str(tmp_path / "second.json"))
+        # Once its agent runs, the second pull is a moment away from waiting for the lock.
+        wait_for(lambda: _agents(sshd_rig) == 2, "the second pull to connect")
+        time.sleep(0.5)
+    finally:
+        marker.unlink(missing_ok=True)
+        _, first_err = first.communicate(timeout=120)
+        _, second_err = second.communicate(timeout=120) if second else ("", "")
+
+    assert first.returncode == 0, first_err
+    assert second is not None and second.returncode == 0, second_err
+    assert load_audit(tmp_path / "first.json")["transfer_state"] == "TRANSFERRED"
+    audit = load_audit(tmp_path / "second.json")
+    assert audit["transfer_state"] == "NO-OP"
+    assert audit["lock"]["waited_seconds"] >= 0.5
+    sides.assert_in_sync()
+
+
+# --- safety refusals --------------------------------------------------------------------------
+
+EVENTS = BASE_FILES[".events.log"]
+
+
+def _refused(sides: Sides, action: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """Run an action that must refuse (exit 6) and change nothing on either side."""
+    before = sides.states()
+    out = tmp_path / f"{action}.json"
+    r = sides.run(action, "--audit-json-out", str(out), *args)
+    assert r.returncode == 6, r.stderr
+    assert sides.states() == before
+    audit = load_audit(out)
+    assert audit["transfer_state"] == "FAILED"
+    assert audit["error"] == {**audit["error"], "kind": "refused", "exit_code": 6}
+    error, hint = r.stderr.strip().splitlines()[-2:]
+    assert error == "error: " + audit["error"]["message"]
+    assert hint.startswith("hint: ")
+    return audit["error"]["message"], audit
+
+
+def test_diverged_events_log_refuses_both_directions(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_both()
+    (sides.local / ".events.log").write_bytes(EVENTS + b'{"event":"local"}\n')
+    (sides.remote / ".events.log").write_bytes(EVENTS + b'{"event":"remote-1"}\n{"event":"remote-2"}\n')
+    expected = ".events.log has diverged: local has 1 and remote has 2 lines past the 2 lines they share"
+    for action in ("pull", "push"):
+        message, audit = _refused(sides, action, tmp_path)
+        assert message == expected
+        assert audit[".events.log"] == {**audit[".events.log"], "relation": "diverged", "local": 3, "remote": 4,
+                                        "common": 2}
+
+
+def test_pull_refuses_when_local_events_log_is_ahead(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_both()
+    (sides.local / ".events.log").write_bytes(EVENTS + b'{"event":"local"}\n')
+    message, _ = _refused(sides, "pull", tmp_path)
+    assert message == ".events.log on the local side has 1 lines the other side lacks; a pull would drop them"
+
+
+def test_push_refuses_when_remote_events_log_is_ahead(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_both()
+    (sides.remote / ".events.log").write_bytes(EVENTS + b'{"event":"remote"}\n')
+    message, _ = _refused(sides, "push", tmp_path)
+    assert message == ".events.log on the remote side has 1 lines the other side lacks; a push would drop them"
+
+
+def test_max_delete_guards_a_mirroring_pull(sides: Sides, tmp_path: Path) -> None:
+    files = {"records.parquet": b"PAR1", "meta.md": b"# m\n", "_derived/ns/p.parquet": b"d", "notes/n.txt": b"n"}
+    sides.seed_both(files)
+    for name in ("meta.md", "_derived/ns/p.parquet", "notes/n.txt"):
+        (sides.remote / name).unlink()
+
+    message, _ = _refused(sides, "pull", tmp_path)
+    assert message == "the pull would delete 3 of 4 local files, more than --max-delete 50%"
+    message, _ = _refused(sides, "pull", tmp_path, "--max-delete", "2")
+    assert message == "the pull would delete 3 of 4 local files, more than --max-delete 2"
+
+    r = sides.run("pull", "--max-delete", "100%", "--audit-json-out", str(tmp_path / "ok.json"))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "ok.json")
+    assert audit["transfer"] == {**audit["transfer"], "files": 0, "deleted": 3, "linked": 1}
+    sides.assert_in_sync()
+    assert sorted(tree_state(sides.local)) == ["records.parquet"]
+
+
+def test_pull_refuses_when_the_remote_primary_is_missing(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_both()
+    (sides.remote / "records.parquet").unlink()
+    message, _ = _refused(sides, "pull", tmp_path)
+    assert message == "the remote dataset has no records.parquet; a pull would remove the local primary"
+
+
+def test_push_refuses_when_the_local_primary_is_missing(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_both()
+    (sides.local / "records.parquet").unlink()
+    message, _ = _refused(sides, "push", tmp_path)
+    assert message == "the local dataset has no records.parquet; a push would remove the remote primary"
+
+
+def test_push_without_primary_bootstraps_a_new_remote_dataset(sides: Sides, tmp_path: Path) -> None:
+    files = {k: v for k, v in BASE_FILES.items() if k != "records.parquet"}
+    sides.seed_local(files)
+    r = sides.run("push", "--audit-json-out", str(tmp_path / "push.json"))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "push.json")
+    assert audit["transfer_state"] == "TRANSFERRED"
+    assert audit["transfer"] == {**audit["transfer"], "files": len(files), "linked": 0, "promote": "rename"}
+    sides.assert_in_sync()
+
+
+# --- push ---------------------------------------------------------------------------------------
+
+
+def test_push_verifies_the_promoted_remote_tree(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_both()
+    write_tree(sides.local, {"meta.md": b"# my_dataset, revised\n", "_derived/ns/part-0002.parquet": b"PAR1-2"})
+    (sides.local / "notes/readme.txt").unlink()
+    inode = (sides.remote / "records.parquet").stat().st_ino
+
+    r = sides.run("push", "--audit-json-out", str(tmp_path / "push.json"))
+
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "push.json")
+    assert audit["transfer_state"] == "TRANSFERRED"
+    assert audit["transfer"] == {**audit["transfer"], "files": 2, "deleted": 1, "linked": 4, "rsync_exit": 0,
+                                 "promote": "exchange"}
+    # The re-verification after promotion reread both moved files on the remote.
+    assert audit["post"] == {"verified": True, "in_sync": True, "checked_files": 2,
+                             "checked_bytes": len(b"# my_dataset, revised\n") + len(b"PAR1-2"), "problems": []}
+    assert audit["_auxiliary"] == {**audit["_auxiliary"], "changed": True, "remote_only": ["notes/readme.txt"]}
+    sides.assert_in_sync()
+    assert (sides.remote / "records.parquet").stat().st_ino == inode  # linked, not copied
+    # The remote's staging area is gone after a successful push.
+    assert list((sides.base / ".usrsync" / "staging").iterdir()) == []
+
+
+# --- flags --------------------------------------------------------------------------------------
+
+
+def _remote_ahead(sides: Sides) -> None:
+    """In sync, then the remote gets a new primary, meta, event, snapshot and overlay part."""
+    sides.seed_both()
+    write_tree(sides.remote, {
+        "records.parquet": b"PAR1-more-rows",
+        "meta.md": b"# my_dataset v2\n",
+        ".events.log": EVENTS + b'{"event":"attach","rows":4}\n',
+        "_snapshots/records-20260202T000000Z.parquet": b"PAR1snapshot-2",
+        "_derived/ns/part-0002.parquet": b"PAR1derived-2",
+    })
+    sides.chown_remote()
+
+
+def test_dry_run_reports_what_would_move_and_changes_nothing(sides: Sides, tmp_path: Path) -> None:
+    _remote_ahead(sides)
+    before = sides.states()
+    r = sides.run("pull", "--dry-run", "--audit-json-out", str(tmp_path / "dry.json"))
+    assert r.returncode == 0, r.stderr
+    assert sides.states() == before
+    audit = load_audit(tmp_path / "dry.json")
+    assert audit["transfer_state"] == "DRY-RUN"
+    moved = len(b"PAR1-more-rows" + b"# my_dataset v2\n" + EVENTS + b'{"event":"attach","rows":4}\n'
+                + b"PAR1snapshot-2" + b"PAR1derived-2")
+    assert audit["transfer"] == {**audit["transfer"], "files": 5, "bytes": moved, "deleted": 0, "linked": 3,
+                                 "rsync_exit": None}
+    assert not (sides.root / ".usrsync" / "staging").exists()
+
+
+def test_primary_only_moves_records_parquet_alone(sides: Sides, tmp_path: Path) -> None:
+    _remote_ahead(sides)
+    before, _ = sides.states()
+    r = sides.run("pull", "--primary-only", "--audit-json-out", str(tmp_path / "pull.json"))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "pull.json")
+    assert audit["transfer_state"] == "TRANSFERRED"
+    assert audit["transfer"] == {**audit["transfer"], "files": 1, "bytes": len(b"PAR1-more-rows")}
+    assert audit["primary"]["changed"] is True
+    for section in ("meta", ".events.log", "_snapshots", "_derived", "_auxiliary"):
+        assert audit[section] == {**audit[section], "skipped": True, "changed": False}, section
+    assert audit["post"] == {**audit["post"], "verified": True, "in_sync": True}
+    after = tree_state(sides.local)
+    assert after["records.parquet"][0] == b"PAR1-more-rows"
+    assert {p: s for p, s in after.items() if p != "records.parquet"} == \
+        {p: s for p, s in before.items() if p != "records.parquet"}
+
+
+def test_skip_snapshots_leaves_snapshots_out(sides: Sides, tmp_path: Path) -> None:
+    _remote_ahead(sides)
+    r = sides.run("pull", "--skip-snapshots", "--audit-json-out", str(tmp_path / "pull.json"))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "pull.json")
+    assert audit["transfer"]["files"] == 4
+    assert audit["_snapshots"] == {**audit["_snapshots"], "skipped": True, "changed": False}
+    local, remote = sides.states()
+    assert sorted(set(remote) - set(local)) == ["_snapshots/records-20260202T000000Z.parquet"]
+    assert {p: s for p, s in remote.items() if not p.startswith("_snapshots/")} == \
+        {p: s for p, s in local.items() if not p.startswith("_snapshots/")}
+
+
+def test_relaxed_verification_is_reflected_in_the_audit(sides: Sides, tmp_path: Path) -> None:
+    """Without content hashes, _derived compares by size and mtime: a same-size, same-mtime
+    rewrite goes unnoticed, exactly what the runbook warns about."""
+    sides.seed_both()
+    part = sides.remote / "_derived/ns/part-0001.parquet"
+    part.write_bytes(b"PAR1derived-X")
+    os.utime(part, (1_700_000_000, 1_700_000_000))
+
+    profiles = {
+        (): ("strict", "on", ["ns/part-0001.parquet"]),
+        ("--no-verify-derived-hashes",): ("strict", "off", []),
+        ("--no-verify-sidecars",): ("off", "off", []),
+    }
+    for flags, (sidecars, content_hashes, differing) in profiles.items():
+        out = tmp_path / f"diff{'-'.join(flags)}.json"
+        r = sides.run("diff", *flags, "--audit-json-out", str(out))
+        assert r.returncode == 0, r.stderr
+        audit = load_audit(out)
+        assert audit["verify"] == {**audit["verify"], "primary": "hash", "sidecars": sidecars,
+                                   "content_hashes": content_hashes}, flags
+        assert audit["_derived"]["differing"] == differing, flags
+
+    r = sides.run("pull", "--no-verify-sidecars", "--audit-json-out", str(tmp_path / "pull.json"))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "pull.json")
+    assert (audit["transfer_state"], audit["verify"]["sidecars"], audit["verify"]["content_hashes"]) == \
+        ("NO-OP", "off", "off")
+
+
+def test_verify_size_compares_the_primary_by_size(sides: Sides, tmp_path: Path) -> None:
+    sides.seed_both()
+    primary = BASE_FILES["records.parquet"]
+    (sides.remote / "records.parquet").write_bytes(primary[:-4] + b"PAR2")  # same size, new bytes
+
+    r = sides.run("pull", "--verify", "size", "--audit-json-out", str(tmp_path / "size.json"))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "size.json")
+    assert (audit["transfer_state"], audit["verify"]["primary"], audit["primary"]["changed"]) == \
+        ("NO-OP", "size", False)
+
+    r = sides.run("pull", "--audit-json-out", str(tmp_path / "hash.json"))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(tmp_path / "hash.json")
+    assert (audit["transfer_state"], audit["verify"]["primary"], audit["primary"]["changed"]) == \
+        ("TRANSFERRED", "hash", True)
+    sides.assert_in_sync()
