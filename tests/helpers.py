@@ -177,6 +177,14 @@ class Sides:
         assert local, "the dataset is empty"
 
 
+def leftovers(root: Path) -> list[str]:
+    """What runs left in a datasets root's (or base dir's) state dir: staging dirs, journals,
+    locks, rsync file lists, as `<kind>/<name>`; empty when nothing is in flight."""
+    state = root / ".usrsync"
+    return sorted(f"{sub}/{p.name}" for sub in ("staging", "journal", "locks", "tmp")
+                  for p in (state / sub).glob("*")) if state.is_dir() else []
+
+
 def local_sides(workdir: Path, **profile: Any) -> Sides:
     """Sides over a `type = "local"` remote (no SSH): `<workdir>/local` and `<workdir>/base`.
 

@@ -32,20 +32,24 @@ class LocalTransport(Transport):
         return path
 
     async def close(self) -> None:
-        if self.process is None:
+        process, self.process = self.process, None
+        if process is None:
             return
-        if self.process.stdin is not None:
-            self.process.stdin.close()
+        if process.stdin is not None:
+            process.stdin.close()
+        # Read what the agent still sends, to EOF, while it exits: a pipe paused with unread
+        # output keeps wait() from returning, and the garbage collector would close it after
+        # the loop has gone (printing a traceback).
         try:
-            await asyncio.wait_for(self.process.wait(), 10)
+            await asyncio.wait_for(asyncio.gather(process.wait(), _discard(process.stdout)), 10)
         except asyncio.TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-        if self.process.stdout is not None:
-            # Read what the agent left unread to EOF: a paused pipe transport left open would
-            # be closed by the garbage collector after the loop, printing a traceback.
+            process.kill()
             try:
-                await asyncio.wait_for(self.process.stdout.read(), 10)
+                await asyncio.wait_for(asyncio.gather(process.wait(), _discard(process.stdout)), 10)
             except asyncio.TimeoutError:
-                pass
-        self.process = None
+                pass  # a grandchild holds the pipe: nothing more we can do
+
+
+async def _discard(reader: asyncio.StreamReader | None) -> None:
+    while reader is not None and await reader.read(1 << 16):
+        pass
