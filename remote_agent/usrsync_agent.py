@@ -55,6 +55,7 @@ AUXILIARY = "_auxiliary"
 SECTIONS = (PRIMARY, META, EVENTS, SNAPSHOTS, DERIVED, AUXILIARY)
 TOP_LEVEL_SECTIONS = {"records.parquet": PRIMARY, "meta.md": META, ".events.log": EVENTS}
 RUNTIME_TOP_NAMES = {".usr.lock", ".events.lock", ".usr.transfer.lock"}
+CARRIED_LOCKS = (".usr.lock", ".events.lock")  # kept in place by promotion, never synced
 RUNTIME_TOP_PREFIXES = (".usr.lease.", ".usrsync")
 # rsync's own temporary names: partial dirs and in-flight files (".name.XXXXXX")
 RUNTIME_ANY_NAMES = {".usrsync-partial", ".rsync-partial", "~tmp~"}
@@ -730,6 +731,15 @@ def stage(base_dir, dataset, txid, link):
             made.add(parent)
         os.link(src, fs_path(staging, rel), follow_symlinks=False)
         linked += 1
+    for name in CARRIED_LOCKS:
+        # USR's own lock files keep their inode across promotion, so a USR writer waiting on
+        # one still excludes the next writer afterwards.
+        src = os.path.join(live, name)
+        try:
+            if stat.S_ISREG(os.lstat(src).st_mode):
+                os.link(src, os.path.join(staging, name), follow_symlinks=False)
+        except OSError:
+            pass
     return {"staging": staging, "linked": linked}
 
 

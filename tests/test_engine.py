@@ -898,3 +898,20 @@ def test_serve_releases_its_locks_when_the_session_ends(tmp_path: Path) -> None:
     assert code == 0
     assert frames[0]["result"] == {"path": str(base / ".usrsync/locks/ds.lock"), "broken": None}
     assert not (base / ".usrsync/locks/ds.lock").exists()
+
+
+def test_promotion_keeps_usr_lock_files_by_inode(tmp_path: Path) -> None:
+    """A USR writer's `.usr.lock` and `.events.lock` survive promotion as the same inodes."""
+    base = tmp_path / "base"
+    live = base / "ds"
+    live.mkdir(parents=True)
+    (live / "records.parquet").write_bytes(b"old")
+    (live / ".usr.lock").write_bytes(b"")
+    (live / ".events.lock").write_bytes(b"")
+    inodes = {name: (live / name).stat().st_ino for name in (".usr.lock", ".events.lock")}
+    staged = engine.stage(str(base), "ds", "T1", [])
+    Path(staged["staging"], "records.parquet").write_bytes(b"new")
+    engine.promote(str(base), "ds", "T1")
+    assert (live / "records.parquet").read_bytes() == b"new"
+    assert {name: (live / name).stat().st_ino for name in inodes} == inodes
+    assert [e[0] for e in engine.build_manifest(str(live), "sha256", use_cache=False)] == ["records.parquet"]
