@@ -441,12 +441,13 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     if to_hash:
         if progress_start is not None:
             progress_start(len(to_hash), sum(st.st_size for _, st, _ in to_hash))
-        # Threads only for files of at least one read chunk. Measured on 2 cores (README,
-        # "Performance"): xxhash and hashlib drop the GIL while hashing a 1 MiB buffer, so 2
-        # threads hash 4 x 1 GiB 1.5-6x faster than one; but 100k x 4 KiB took 6-10 s on 2
-        # threads against 1.25 s on one (every open/read/close hands the GIL back and forth).
-        # Two forked processes did those in 0.9 s: not worth forking from a threaded process
-        # (the orchestrator) nor a worker protocol, so small files are hashed in this thread.
+        # Threads only for files of at least one read chunk. Measured on the 2-core test VM
+        # (README, "Performance"): 100k x 4 KiB took 1.0 s in one thread, 3.2-4.0 s on 2
+        # threads (every open/read/close hands the GIL back and forth) and 0.9-1.0 s on 2
+        # forked processes, so small files stay in this thread (no process pool: no gain, and
+        # forking a threaded orchestrator is unsafe). 4 x 1 GiB from the page cache took
+        # 0.38-0.46 s either way (memory-bound); reading and hashing drop the GIL, so threads
+        # overlap the reads where storage latency is the limit (cold caches, Lustre).
         small = [job for job in to_hash if job[1].st_size < READ_CHUNK]
         big = [job for job in to_hash if job[1].st_size >= READ_CHUNK]
         for job in small:
@@ -455,7 +456,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
             for job in big:
                 work(job)
         else:
-            from concurrent.futures import ThreadPoolExecutor  # ~15 ms of imports, only needed here
+            # Imported here: ~15 ms at every agent start for something only big files need.
+            from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 for _ in pool.map(work, big):

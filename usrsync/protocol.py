@@ -57,7 +57,7 @@ def encode_request(rid: int, call: str, args: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body), 0) + body
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def typed_frame(item_type: Any) -> type[Frame]:
     """A Frame whose chunk items decode straight into `item_type`: no intermediate Python objects
     and no second pass (a 100k-entry manifest decodes several times faster)."""

@@ -1,0 +1,254 @@
+"""The performance mechanisms, for correctness only (speed is measured by `make bench`, never
+asserted here): the remote manifest copy, the hash cache's write-back, hashing small and large
+files on different paths, page-aligned read buffers, and the compare's fast path."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import io
+import json
+import mmap
+import operator
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from helpers import REMOTE, local_sides
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from remote_agent import usrsync_agent as engine
+from usrsync import compare as compare_mod
+from usrsync import config, manifest_copy
+from usrsync.compare import Policy, SectionDelta, compare
+from usrsync.dataset import SECTIONS, classify
+from usrsync.manifest import Entry, Manifest
+from usrsync.session import RemoteSession
+
+OLD = 1_700_000_000
+
+
+def write(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, (OLD, OLD))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def entry(path: str, data: bytes, mtime_ns: int = OLD * 10**9) -> Entry:
+    return Entry(path=path, section=classify(path), size=len(data), mtime_ns=mtime_ns, kind="file",
+                 digest=sha(data))
+
+
+# --- the remote manifest copy: file format ---------------------------------------------------
+
+
+DIGEST = "ab" * 32
+
+
+def test_copy_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "copy.msgpack"
+    entries = [entry("_derived/a", b"a"), entry("records.parquet", b"PAR1")]
+    manifest_copy.save(path, DIGEST, entries)
+    assert manifest_copy.known_digest(path) == DIGEST
+    assert manifest_copy.load(path, DIGEST) == entries
+    assert manifest_copy.load(path, "cd" * 32) is None  # another digest: not this copy
+
+
+@pytest.mark.parametrize("content", [b"", b"ab" * 32, b"zz" * 32 + b"\n", b"\xff" * 65, b"ab" * 32 + b"\r"])
+def test_copy_without_a_valid_header_has_no_digest(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "copy.msgpack"
+    path.write_bytes(content)
+    assert manifest_copy.known_digest(path) is None
+    assert manifest_copy.known_digest(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("body", [b"", b"\xc1", msgspec.msgpack.encode([["x"]]), msgspec.msgpack.encode({"a": 1})])
+def test_corrupt_copy_is_not_loaded(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "copy.msgpack"
+    path.write_bytes(DIGEST.encode() + b"\n" + body)
+    assert manifest_copy.known_digest(path) == DIGEST
+    assert manifest_copy.load(path, DIGEST) is None
+
+
+def test_copy_save_never_fails(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache dir should be")
+    manifest_copy.save(blocker / "sub" / "copy.msgpack", DIGEST, [entry("a", b"a")])  # no exception
+    manifest_copy.save(tmp_path / "short", "abc", [entry("a", b"a")])  # not a digest: nothing written
+    assert not (tmp_path / "short").exists()
+
+
+# --- the agent: a known digest means no entries on the wire ------------------------------------
+
+
+def manifest_call(base: Path, **extra: Any) -> tuple[dict[str, Any], list[list[Any]]]:
+    """One `manifest` call on an in-process Agent: (result, chunk items), from the frames it wrote."""
+    out = io.BytesIO()
+    agent = engine.Agent(out)
+    args = {"base_dir": str(base), "dataset": "ds", "algo": "sha256", "cache": False, **extra}
+    agent.handle({"id": 9, "call": "manifest", "args": args})
+    stream = io.BytesIO(out.getvalue())
+    frames = []
+    while (frame := engine.read_frame(stream)) is not None:
+        frames.append(frame)
+    assert [f["id"] for f in frames] == [9] * len(frames)
+    assert frames[-1]["type"] == "result"
+    return frames[-1]["result"], [item for f in frames[:-1] if f["type"] == "chunk" for item in f["items"]]
+
+
+def test_agent_skips_the_entries_only_when_the_known_digest_matches(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    write(base / "ds", {"records.parquet": b"PAR1", "_derived/a": b"a"})
+    expected = [["_derived/a", "_derived", 1, OLD * 10**9, "file", sha(b"a"), None],
+                ["records.parquet", "primary", 4, OLD * 10**9, "file", sha(b"PAR1"), None]]
+
+    first, items = manifest_call(base, known=None)
+    assert items == expected
+    assert (first["count"], first["unchanged"], len(first["digest"])) == (2, False, 64)
+
+    again, items = manifest_call(base, known=first["digest"])
+    assert (again["unchanged"], again["digest"], again["count"], items) == (True, first["digest"], 2, [])
+
+    other, items = manifest_call(base, known="0" * 64)
+    assert (other["unchanged"], other["digest"], items) == (False, first["digest"], expected)
+
+    write(base / "ds", {"_derived/a": b"b"})
+    changed, items = manifest_call(base, known=first["digest"])
+    assert changed["unchanged"] is False and changed["digest"] != first["digest"]
+    assert items[0][5] == sha(b"b")
+
+
+def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
+    write(tmp_path / "base" / "ds", {"records.parquet": b"PAR1"})
+    result, items = manifest_call(tmp_path / "base")
+    assert set(result) == {"exists", "count", "algo", "root"}
+    assert len(items) == 1
+
+
+# --- the session: the copy is used, and a broken copy costs only a resend ----------------------
+
+
+def session_manifest(sides_cfg: Path) -> tuple[Manifest, Path]:
+    async def run() -> tuple[Manifest, Path]:
+        remote = config.get_remote(config.load_remotes(sides_cfg), REMOTE, sides_cfg)
+        session = await RemoteSession.open(remote)
+        try:
+            found = await session.manifest("densegen/my_dataset", "sha256", jobs=2, use_cache=True)
+            return found, manifest_copy.copy_path(remote, session.base.base_dir, "densegen/my_dataset", "sha256")
+        finally:
+            await session.close()
+
+    return asyncio.run(run())
+
+
+def test_session_reuses_its_copy_and_survives_a_broken_one(tmp_path: Path) -> None:
+    sides = local_sides(tmp_path / "w")
+    sides.seed_remote({"records.parquet": b"PAR1", "_derived/ns/a": b"a", "notes.txt": b"n"})
+    first, copy = session_manifest(sides.cfg)
+    assert [e.path for e in first.entries] == ["_derived/ns/a", "notes.txt", "records.parquet"]
+    saved = copy.stat()
+
+    second, _ = session_manifest(sides.cfg)
+    assert second == first
+    assert (copy.stat().st_ino, copy.stat().st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)  # not rewritten
+
+    # Same header, garbage body: the agent says "unchanged", we cannot load it, so it resends.
+    copy.write_bytes(copy.read_bytes()[:65] + b"\xc1garbage")
+    third, _ = session_manifest(sides.cfg)
+    assert third == first
+    assert manifest_copy.load(copy, manifest_copy.known_digest(copy) or "") == first.entries
+
+    write(sides.remote, {"notes.txt": b"changed"})
+    fourth, _ = session_manifest(sides.cfg)
+    assert fourth.get("notes.txt") == entry("notes.txt", b"changed")
+    assert manifest_copy.load(copy, manifest_copy.known_digest(copy) or "") == fourth.entries
+
+
+# --- the hash cache is written back only when something changed --------------------------------
+
+
+def test_unchanged_scan_leaves_the_cache_file_alone(tmp_path: Path) -> None:
+    root, cache_dir = tmp_path / "ds", tmp_path / "cache"
+    write(root, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/b": b"b"})
+    engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
+    path = Path(engine.HashCache(str(cache_dir), str(root), "sha256").path)
+    before = path.stat()
+    engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    (root / "_derived/b").unlink()
+    engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
+    assert sorted(json.loads(path.read_text())["entries"]) == ["_derived/a", "records.parquet"]
+
+    write(root, {"_derived/a": b"A"})
+    engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
+    assert json.loads(path.read_text())["entries"]["_derived/a"][4] == sha(b"A")
+
+
+# --- hashing: small files in this thread, large ones on the pool -----------------------------------
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 4])
+def test_small_and_large_files_hash_right_with_any_jobs(tmp_path: Path, jobs: int) -> None:
+    chunk = engine.READ_CHUNK
+    files = {f"_derived/small-{i}": bytes([i]) * (100 * i) for i in range(5)}
+    files.update({f"_derived/large-{i}": os.urandom(chunk * (i + 1) + i) for i in range(3)})
+    files["_derived/exact"] = b"x" * chunk
+    files[".events.log"] = b'{"a":1}\n' * (chunk // 4) + b"partial"  # spans chunks; lines counted
+    write(tmp_path, files)
+    got = {e[0]: e for e in engine.build_manifest(str(tmp_path), "sha256", jobs=jobs, use_cache=False)}
+    assert {rel: got[rel][5] for rel in files} == {rel: sha(data) for rel, data in files.items()}
+    assert got[".events.log"][6] == chunk // 4
+
+
+def test_read_buffer_is_page_aligned() -> None:
+    buf = engine._buffer()
+    address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    assert address % mmap.PAGESIZE == 0
+    assert len(buf) == engine.READ_CHUNK
+
+
+# --- compare: the same-paths fast path agrees with the general merge -----------------------------
+
+PATHS = ["records.parquet", "meta.md", "_derived/a", "_derived/b", "_snapshots/s", "notes.txt"]
+VARIANTS = st.sampled_from([(b"a", 0), (b"b", 0), (b"a", 1), (b"ab", 0)])
+policies = st.builds(Policy, verify=st.sampled_from(["hash", "size"]), content_hashes=st.booleans())
+
+
+def merged(local: Manifest, remote: Manifest, policy: Policy) -> dict[str, SectionDelta]:
+    sections = {s: SectionDelta(section=s, in_scope=policy.in_scope(s)) for s in SECTIONS}
+    by_path = operator.attrgetter("path")
+    compare_mod._merge(sorted(local.entries, key=by_path), sorted(remote.entries, key=by_path), sections, policy,
+                       None)
+    return sections
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(VARIANTS, min_size=len(PATHS), max_size=len(PATHS)),
+       st.lists(VARIANTS, min_size=len(PATHS), max_size=len(PATHS)), policies)
+def test_same_paths_fast_path_equals_the_merge(left: list, right: list, policy: Policy) -> None:
+    def build(variants: list) -> Manifest:
+        return Manifest(exists=True, algo="sha256",
+                        entries=sorted((entry(p, d, (OLD + m) * 10**9) for p, (d, m) in zip(PATHS, variants, strict=True)),
+                                       key=lambda e: e.path))
+
+    local, remote = build(left), build(right)
+    assert compare(local, remote, policy).sections == merged(local, remote, policy)
+
+
+def test_same_paths_with_different_parquet_shapes_are_not_the_same() -> None:
+    files = Manifest(exists=True, algo="sha256", entries=[entry("records.parquet", b"PAR1")])
+    cmp = compare(files, files, Policy(verify="parquet"), primary_shapes=([1, 2], [3, 2]))
+    assert cmp.sections["primary"].differing == ["records.parquet"]
+    cmp = compare(files, files, Policy(verify="parquet"), primary_shapes=([1, 2], [1, 2]))
+    assert cmp.sections["primary"].same == ["records.parquet"]
