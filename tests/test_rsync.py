@@ -233,7 +233,8 @@ def argv_for(local: str, remote: str | None, **kw: object) -> list[str]:
 
 
 COMMON = [
-    "-r",
+    "-d",
+    "--no-implied-dirs",
     "-t",
     "--checksum",
     "--from0",

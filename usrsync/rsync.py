@@ -224,7 +224,9 @@ def build_argv(
     local-to-local copy. `source`/`dest` are passed verbatim (`host:/path/` or `/local/path/`).
     No `-a` (owner/group/perms are not replayed), no `-z` (data sets are mostly compressed,
     and it costs login-node CPU), no `--delete` (staging starts empty but for our hard links;
-    deletions are ours). Parent directories of listed files are created (implied dirs).
+    deletions are ours). The list names every parent directory before its files: with implied
+    directories rsync's receiver slows down superlinearly with the files per directory
+    (20k files in 20 dirs over ssh: 9.3 s implied, 4.7 s listed).
     """
     if not local.from0:
         raise RsyncSetupError(
@@ -234,7 +236,8 @@ def build_argv(
     peer = remote or local
     argv = [
         binary,
-        "-r",  # --files-from turns -r off; with it a listed directory is not copied empty
+        "-d",  # listed directories are created, never recursed into: only listed files move
+        "--no-implied-dirs",
         "-t",  # keep mtimes
         "--checksum",  # content decides, not size+mtime (a same-size rewrite is a change)
         "--from0",

@@ -305,7 +305,7 @@ class Run:
         directory = self.root / engine.STATE_DIR / "tmp"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{engine.dataset_key(self.dataset)}.{self.txid}.files"
-        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in plan.copy))
+        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in files_with_parents(plan.copy)))
         return path
 
     async def _rsync(self, plan: TransferPlan, source: str, dest: str, basis: str | None) -> None:
@@ -452,6 +452,12 @@ class Run:
 
 def _in_scope_files(manifest: Manifest, policy: Policy) -> set[tuple[str, int, str]]:
     return {(e.path, e.size, e.digest) for e in manifest.files() if policy.in_scope(e.section)}
+
+
+def files_with_parents(paths: list[str]) -> list[str]:
+    """rsync's file list: the files and every directory above them, sorted (parents first)."""
+    dirs = {path[:i] for path in paths for i, ch in enumerate(path) if ch == "/"}
+    return sorted(dirs.union(paths))
 
 
 def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: str) -> VerifyReply:
