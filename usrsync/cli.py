@@ -149,7 +149,7 @@ def _sync_command(action: str):
         interactive = sys.stdin.isatty()
         if action != "diff" and not opts["yes"] and not opts["dry_run"] and not interactive:
             raise UsrError(f"{action} changes files and needs confirmation, but there is no terminal to ask",
-                           f"add -y to confirm non-interactively (e.g. in cron), or --dry-run to preview")
+                           "add -y to confirm non-interactively (e.g. in cron), or --dry-run to preview")
         options = sync.SyncOptions(
             verify=opts["verify"], sidecars=opts["verify_sidecars"],
             content_hashes=opts["verify_derived_hashes"] and opts["verify_sidecars"],

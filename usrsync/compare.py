@@ -8,7 +8,7 @@ from typing import Literal
 
 import msgspec
 
-from usrsync.dataset import AUXILIARY, DERIVED, EVENTS, PRIMARY, SECTIONS, SNAPSHOTS
+from usrsync.dataset import AUXILIARY, DERIVED, PRIMARY, SECTIONS, SNAPSHOTS
 from usrsync.manifest import KIND_FILE, Entry, Manifest
 
 VerifyMode = Literal["hash", "size", "parquet"]

@@ -9,10 +9,10 @@ from typing import Any
 
 import msgspec
 
+from usrsync import manifest_copy
 from usrsync.compare import EventsLines
 from usrsync.config import Remote
 from usrsync.errors import ConfigError, LockedError, RemoteError
-from usrsync import manifest_copy
 from usrsync.manifest import Entry, HashProgress, Manifest, validate_remote_entries
 from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
 from usrsync.transport import transport_for

@@ -32,9 +32,9 @@ from usrsync.errors import (
     UsrError,
     VerificationError,
 )
+from usrsync.locks import acquire_local_lock
 from usrsync.manifest import HashProgress, Manifest, local_manifest
 from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
-from usrsync.locks import acquire_local_lock
 from usrsync.session import RemoteSession, VerifyReply
 
 log = structlog.get_logger("usrsync")
