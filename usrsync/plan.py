@@ -88,7 +88,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         source_only = delta.remote_only if pull else delta.local_only
         dest_only = delta.local_only if pull else delta.remote_only
         if not delta.in_scope:
-            kept = [p for p in sorted(set(delta.same) | set(delta.differing) | set(dest_only))]
+            kept = sorted(set(delta.same) | set(delta.differing) | set(dest_only))
             link += kept
             expected.update({p: FileTarget(dest[p].size, dest[p].digest) for p in kept})
             continue
