@@ -7,10 +7,12 @@ classify and hash identically. On the remote it runs as `... serve NONCE` and sp
 length-prefixed JSON frames on stdin/stdout after a sentinel line.
 """
 
+import collections
 import errno
 import getpass
 import hashlib
 import json
+import marshal
 import mmap
 import os
 import platform
@@ -25,6 +27,8 @@ import sys
 import threading
 import time
 import zlib
+from operator import itemgetter
+from stat import S_ISLNK, S_ISREG
 
 try:  # optional: XXH3-128 is ~10x faster than sha256, but login nodes rarely have it
     import xxhash
@@ -39,7 +43,7 @@ MAX_FRAME_RAW = 256 << 20  # after decompression
 CHUNK_ENTRIES = 5000
 RACY_WINDOW_NS = 2 * 10**9  # git's racy-clean rule
 BREAK_GUARD_STALE = 30  # seconds after which a lock breaker's guard file is itself stale
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: JSON
 FLAG_ZLIB = 1
 EXIT_AGENT_MISSING = 96  # loader exit codes: the orchestrator uploads and retries
 EXIT_AGENT_MISMATCH = 97
@@ -54,6 +58,7 @@ DERIVED = "_derived"
 AUXILIARY = "_auxiliary"
 SECTIONS = (PRIMARY, META, EVENTS, SNAPSHOTS, DERIVED, AUXILIARY)
 TOP_LEVEL_SECTIONS = {"records.parquet": PRIMARY, "meta.md": META, ".events.log": EVENTS}
+TOP_DIR_SECTIONS = {SNAPSHOTS: SNAPSHOTS, DERIVED: DERIVED}  # files below any other directory: AUXILIARY
 RUNTIME_TOP_NAMES = {".usr.lock", ".events.lock", ".usr.transfer.lock"}
 CARRIED_LOCKS = (".usr.lock", ".events.lock")  # kept in place by promotion, never synced
 RUNTIME_TOP_PREFIXES = (".usr.lease.", ".usrsync")
@@ -89,11 +94,7 @@ def classify(relpath):
         return None
     if not slash:
         return TOP_LEVEL_SECTIONS.get(top, AUXILIARY)
-    if top == "_snapshots":
-        return SNAPSHOTS
-    if top == "_derived":
-        return DERIVED
-    return AUXILIARY
+    return TOP_DIR_SECTIONS.get(top, AUXILIARY)
 
 
 # Matches every path unsafe_path_reason() rejects (and a few it accepts): one C-level search
@@ -228,52 +229,52 @@ def default_cache_dir():
 
 
 class HashCache(object):
-    """(relpath, size, mtime_ns, ctime_ns, inode) -> digest, one file per dataset and algo.
+    """relpath -> ((size, mtime_ns, ctime_ns, inode), digest), one file per dataset and algo.
 
     Never keyed on st_dev (it changes across NFS/Lustre remounts). A corrupt or foreign
-    cache file is ignored and rebuilt, never trusted.
+    cache file is ignored and rebuilt, never trusted. Stored with marshal (format 4, which
+    Python 3.4+ reads): a no-op scan of 100k files loads it in ~30 ms, JSON took ~200 ms.
     """
 
     def __init__(self, cache_dir, root, algo):
         self.root = root
         self.algo = algo
-        name = hashlib.sha256(("%s\x00%s" % (root, algo)).encode("utf-8", "surrogateescape"))
-        self.path = os.path.join(cache_dir, "hashes", name.hexdigest()[:32] + ".json")
+        self.path = self.path_for(cache_dir, root, algo)
         self.old = {}
         self.new = {}
         self.dirty = False
         self.loaded_ok = False
         try:
             with open(self.path, "rb") as handle:
-                doc = json.loads(handle.read().decode("utf-8"))
+                doc = marshal.loads(handle.read())
             if (
-                isinstance(doc, dict)
+                type(doc) is dict
                 and doc.get("format") == CACHE_FORMAT
                 and doc.get("root") == root
                 and doc.get("algo") == algo
-                and isinstance(doc.get("entries"), dict)
+                and type(doc.get("entries")) is dict
             ):
                 self.old = doc["entries"]
                 self.loaded_ok = True
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, EOFError, ValueError, TypeError):
             pass
 
     @staticmethod
-    def key(st):
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    def path_for(cache_dir, root, algo):
+        name = hashlib.sha256(("%s\x00%s" % (root, algo)).encode("utf-8", "surrogateescape"))
+        return os.path.join(cache_dir, "hashes", name.hexdigest()[:32] + ".marshal")
 
     def get(self, relpath, st):
-        """The cached digest when the whole key matches; the entry is then kept for save()."""
+        """The cached digest when the whole key (a FileStat) matches; the entry is then kept."""
         hit = self.old.get(relpath)
-        # Field by field, no lists built: this runs once per file on every no-op scan.
-        if (type(hit) is list and len(hit) == 5 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns
-                and hit[2] == st.st_ctime_ns and hit[3] == st.st_ino and isinstance(hit[4], str)):
+        # One C-level tuple comparison: this runs once per file on every no-op scan.
+        if type(hit) is tuple and len(hit) == 2 and hit[0] == st and type(hit[1]) is str:
             self.new[relpath] = hit
-            return hit[4]
+            return hit[1]
         return None
 
     def put(self, relpath, st, digest):
-        self.new[relpath] = self.key(st) + [digest]
+        self.new[relpath] = (tuple(st), digest)  # marshal stores plain tuples only
         self.dirty = True
 
     def save(self):
@@ -281,8 +282,8 @@ class HashCache(object):
             return  # every entry came back unchanged (get() kept them): the file is current
         doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo, "entries": self.new}
         try:
-            atomic_write(self.path, json.dumps(doc, separators=(",", ":")).encode("utf-8"), mode=0o600)
-        except OSError:
+            atomic_write(self.path, marshal.dumps(doc, 4), mode=0o600)
+        except (OSError, ValueError):
             pass  # a cache is an optimisation: a read-only home must not fail the sync
 
 
@@ -316,38 +317,76 @@ def makedirs(path, mode=0o755):
 # --- scanning and manifests ----------------------------------------------------------
 
 
-def _walk(root, out, prefix=""):
-    """Append (relpath, lstat) of every non-directory below root to `out`, skipping runtime files."""
-    try:
-        entries = list(os.scandir(os.path.join(root, prefix) if prefix else root))
-    except FileNotFoundError:
-        return
+_isascii = getattr(str, "isascii", None)  # Python >= 3.7
+_first = itemgetter(0)
+# What a scan keeps of an lstat: also the hash cache's key. An os.stat_result takes ~600
+# bytes, this ~170: a scan of a million files holds one per file.
+_FileStat = collections.namedtuple("FileStat", "st_size st_mtime_ns st_ctime_ns st_ino")
+_new_tuple = tuple.__new__  # half the cost of calling _FileStat(...)
+
+# Python >= 3.7 scans a directory by fd, and DirEntry.stat() is then an fstatat() relative to
+# it: ~30% less CPU per file than resolving every full path again (measured, 100k files).
+_SCANDIR_FD = os.scandir in os.supports_fd
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _walk(directory, prefix, section, out):
+    """Append (relpath, section, kind, FileStat) of every non-directory below `directory` (the
+    dataset root plus `prefix`; an fd where _SCANDIR_FD) to `out`, skipping runtime files.
+    The rules of classify(), applied once per directory: the top-level name fixes the section."""
+    with os.scandir(directory) as listing:
+        entries = list(listing)
     for entry in entries:
         name = entry.name
-        # The same rule as classify(), one component at a time: the parents already passed.
         if name in RUNTIME_ANY_NAMES or not prefix and (name in RUNTIME_TOP_NAMES
                                                         or name.startswith(RUNTIME_TOP_PREFIXES)):
             continue
+        if entry.is_dir(follow_symlinks=False):  # from d_type: no stat for directories
+            sub = (prefix + name + "/", section or TOP_DIR_SECTIONS.get(name, AUXILIARY), out)
+            if not _SCANDIR_FD:
+                try:
+                    _walk(entry.path, *sub)
+                except FileNotFoundError:  # gone since the listing: the rescans catch it
+                    pass
+                continue
+            try:
+                fd = os.open(name, _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0), dir_fd=directory)
+            except OSError as exc:  # gone or replaced since the listing: the rescans catch it
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue
+                raise
+            try:
+                _walk(fd, *sub)
+            finally:
+                os.close(fd)
+            continue
         st = entry.stat(follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            _walk(root, out, prefix + name + "/")
+        rel = prefix + name
+        mode = st.st_mode
+        if _isascii is not None and _isascii(rel):  # the common case: nothing to re-encode
+            kind = KIND_FILE if S_ISREG(mode) else KIND_SYMLINK if S_ISLNK(mode) else KIND_SPECIAL
         else:
-            out.append((prefix + name, st))
+            kind = _kind(rel, mode)
+            # Relpaths are UTF-8 text whatever the locale (Python 3.6 under LANG=C decodes names
+            # as ASCII); a name that is not UTF-8 is shown with backslash escapes.
+            rel = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        if "\n" in rel or "\r" in rel:  # no manifest may carry it: reported (escaped), never transferred
+            kind = KIND_BADNAME
+            rel = rel.replace("\r", "\\r").replace("\n", "\\n")
+        out.append((rel, section or TOP_LEVEL_SECTIONS.get(name, AUXILIARY), kind,
+                    _new_tuple(_FileStat, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))))
 
 
-def _kind(rel, st):
+def _kind(rel, mode):
     try:
         os.fsencode(rel).decode("utf-8")
     except UnicodeDecodeError:
         return KIND_BADNAME
-    if stat.S_ISREG(st.st_mode):
+    if S_ISREG(mode):
         return KIND_FILE
-    if stat.S_ISLNK(st.st_mode):
+    if S_ISLNK(mode):
         return KIND_SYMLINK
     return KIND_SPECIAL
-
-
-_isascii = getattr(str, "isascii", None)  # Python >= 3.7
 
 
 def fs_path(root, rel):
@@ -357,31 +396,35 @@ def fs_path(root, rel):
     return os.path.join(root, os.fsdecode(rel.encode("utf-8")))
 
 
-def scan(root):
-    """Sorted (relpath, kind, lstat) of a dataset dir, runtime files left out."""
+def scan_sections(root):
+    """Sorted (relpath, section, kind, FileStat) of a dataset dir, runtime files left out."""
     found = []
-    _walk(root, found)
-    isascii = getattr(str, "isascii", None)  # Python >= 3.7
-    items = []
-    for rel, st in found:
-        if isascii is not None and isascii(rel):  # the common case: nothing to re-encode
-            mode = st.st_mode
-            kind = KIND_FILE if stat.S_ISREG(mode) else KIND_SYMLINK if stat.S_ISLNK(mode) else KIND_SPECIAL
-        else:
-            kind = _kind(rel, st)
-            # Relpaths are UTF-8 text whatever the locale (Python 3.6 under LANG=C decodes names
-            # as ASCII); a name that is not UTF-8 is shown with backslash escapes.
-            rel = os.fsencode(rel).decode("utf-8", "backslashreplace")
-        if "\n" in rel or "\r" in rel:  # no manifest may carry it: reported (escaped), never transferred
-            kind = KIND_BADNAME
-            rel = rel.replace("\r", "\\r").replace("\n", "\\n")
-        items.append((rel, kind, st))
-    items.sort(key=lambda item: item[0])
-    return items
+    try:
+        top = os.open(root, _DIR_FLAGS) if _SCANDIR_FD else root
+    except FileNotFoundError:
+        return []
+    try:
+        _walk(top, "", None, found)
+    except FileNotFoundError:  # the dataset dir itself went away while we scanned it
+        return []
+    finally:
+        if _SCANDIR_FD:
+            os.close(top)
+    found.sort(key=_first)  # near-sorted already only by chance: listings come in disk order
+    return found
+
+
+def scan(root):
+    """Sorted (relpath, kind, FileStat) of a dataset dir, runtime files left out."""
+    return [(rel, kind, st) for rel, _, kind, st in scan_sections(root)]
+
+
+class Cancelled(Exception):
+    """build_manifest's `cancelled` event was set: the caller no longer wants the result."""
 
 
 def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sections=None,
-                   trusted=None, progress=None, progress_start=None):
+                   trusted=None, progress=None, progress_start=None, cancelled=None):
     """Manifest entries [path, section, size, mtime_ns, kind, digest, lines], sorted by path.
 
     `hash_sections`: sections whose files are hashed (default all); others get digest "".
@@ -389,13 +432,14 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     verified or hard-linked, reused when the inode, size and mtime still match.
     `progress_start(files, bytes)` is called once with what is about to be hashed (only when
     something is), `progress(files, bytes)` after each hashed file.
+    `cancelled`: a threading.Event; once set, Cancelled is raised before the next file is hashed.
     """
     scan_start = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
     cache = HashCache(cache_dir or default_cache_dir(), root, algo) if use_cache else None
+    racy_from = scan_start - RACY_WINDOW_NS
     entries = []
     to_hash = []
-    for rel, kind, st in scan(root):
-        section = classify(rel)
+    for rel, section, kind, st in scan_sections(root):
         entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
         entries.append(entry)
         if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
@@ -404,7 +448,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
             to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
             continue
         # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
-        racy = st.st_mtime_ns >= scan_start - RACY_WINDOW_NS
+        racy = st.st_mtime_ns >= racy_from
         digest = cache.get(rel, st) if cache is not None and not racy else None
         if digest is None and trusted and not racy:
             known = trusted.get(rel)
@@ -421,6 +465,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     lock = threading.Lock()
 
     def work(job):
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled()
         entry, st, cacheable = job
         digest, nbytes, lines = hash_file(fs_path(root, entry[0]), algo, count_lines=entry[1] == EVENTS)
         entry[5] = digest
@@ -429,7 +475,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
             # Changed while we read it: report what we read; the caller's checks catch it.
             entry[2] = nbytes
             cacheable = False
-        racy = st.st_mtime_ns >= scan_start - RACY_WINDOW_NS
+        racy = st.st_mtime_ns >= racy_from
         with lock:
             if cache is not None and cacheable and not racy:
                 cache.put(entry[0], st, digest)
@@ -707,13 +753,33 @@ def staging_path(base_dir, dataset, txid):
     return state_dir(base_dir, "staging", "%s.%s" % (dataset_key(dataset), txid))
 
 
-def stage(base_dir, dataset, txid, link):
-    """Create an empty staging dir next to the live dataset, seeded with hard links.
+def subtree_dir(root, subtree):
+    """`root/<subtree>` (dataset-relative; "" is root itself), refusing an unsafe subtree, and
+    raising OSError unless every component is a real directory (a planted symlink must not
+    redirect us)."""
+    if not subtree:
+        return root
+    reason = unsafe_path_reason(subtree)
+    if reason:
+        raise AgentError("unsafe_path", "refusing subtree %r: %s" % (subtree, reason))
+    parts = subtree.split("/")
+    for depth in range(1, len(parts) + 1):
+        path = fs_path(root, "/".join(parts[:depth]))
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory (a symlink or file in its place)", path)
+    return path
 
-    `link` lists live files that are unchanged: they enter staging as hard links, so
-    only changed files need bytes on the wire and on disk.
+
+def stage(base_dir, dataset, txid, link, subtree=""):
+    """Create an empty staging dir next to the live dataset that mirrors `live/<subtree>`,
+    seeded with hard links.
+
+    `link` lists live files below `subtree` that are unchanged (dataset-relative paths): they
+    enter staging as hard links, so only changed files need bytes on the wire and on disk.
     """
     live = dataset_dir(base_dir, dataset)
+    source = subtree_dir(live, subtree)
+    prefix = subtree + "/" if subtree else ""
     staging = staging_path(base_dir, dataset, txid)
     makedirs(os.path.dirname(staging))
     os.mkdir(staging, 0o755)
@@ -721,21 +787,22 @@ def stage(base_dir, dataset, txid, link):
     made = set()  # parent dirs created so far: makedirs per file costs as much as the link
     for rel in link:
         reason = unsafe_path_reason(rel)
+        if reason is None and not rel.startswith(prefix):
+            reason = "not below %r" % subtree
         if reason:
             raise AgentError("unsafe_path", "refusing to stage %r: %s" % (rel, reason))
-        src = fs_path(live, rel)
-        st = os.lstat(src)
-        if not stat.S_ISREG(st.st_mode):
-            raise AgentError("unsafe_path", "refusing to stage %r: not a regular file" % rel)
-        parent = rel.rpartition("/")[0]
+        inner = rel[len(prefix):]
+        parent = inner.rpartition("/")[0]
         if parent and parent not in made:
             makedirs(fs_path(staging, parent))
             made.add(parent)
-        os.link(src, fs_path(staging, rel), follow_symlinks=False)
+        # No lstat first: linkat() links a symlink or special file itself, never its target,
+        # and verify_tree() rejects anything but a regular file before promotion.
+        os.link(fs_path(source, inner), fs_path(staging, inner), follow_symlinks=False)
         linked += 1
-    for name in CARRIED_LOCKS:
+    for name in CARRIED_LOCKS if not subtree else ():
         # USR's own lock files keep their inode across promotion, so a USR writer waiting on
-        # one still excludes the next writer afterwards.
+        # one still excludes the next writer afterwards (a subtree promotion leaves them be).
         src = os.path.join(live, name)
         try:
             if stat.S_ISREG(os.lstat(src).st_mode):
@@ -745,20 +812,25 @@ def stage(base_dir, dataset, txid, link):
     return {"staging": staging, "linked": linked}
 
 
-def verify_tree(root, expected, reread, algo):
+def verify_tree(root, expected, reread, algo, subtree=""):
     """Compare a tree with the manifest it must equal; reread the listed files' bytes.
 
+    `root` holds the dataset's directory `subtree` ("" = the whole dataset): a staging dir or
+    the live one. Every relpath, here and in the result, is dataset-relative (below `subtree`).
     `expected`: {relpath: [size, digest]} for every file the tree must hold (nothing else);
     `reread`: relpaths whose bytes are read again and hashed (never from a cache).
     Returns {"problems": [[relpath, reason]...] (empty when the tree is right), "checked",
     "bytes" (files and bytes reread), "stats": {relpath: [inode, size, mtime_ns]}}.
     """
     if not stat.S_ISDIR(os.lstat(root).st_mode):  # e.g. a symlink planted in place of staging
-        return {"problems": [[".", "not a directory"]], "checked": 0, "bytes": 0, "stats": {}}
+        return {"problems": [[subtree or ".", "not a directory"]], "checked": 0, "bytes": 0, "stats": {}}
+    prefix = subtree + "/" if subtree else ""
     problems = []
     seen = set()
     stats = {}
     for rel, kind, st in scan(root):
+        if prefix:
+            rel = prefix + rel
         seen.add(rel)
         stats[rel] = [st.st_ino, st.st_size, st.st_mtime_ns]
         if kind != KIND_FILE:
@@ -775,7 +847,7 @@ def verify_tree(root, expected, reread, algo):
     for rel in reread:
         if rel in bad:
             continue
-        digest, n, _ = hash_file(fs_path(root, rel), algo)
+        digest, n, _ = hash_file(fs_path(root, rel[len(prefix):]), algo)
         checked += 1
         nbytes += n
         if digest != expected[rel][1]:
@@ -861,22 +933,25 @@ def hold_usr_lock(root, wait):
         time.sleep(0.1)
 
 
-def promote(base_dir, dataset, txid, wait=0.0):
-    """Make the staging dir the live dataset in one atomic step; remove the old tree.
+def promote(base_dir, dataset, txid, wait=0.0, subtree=""):
+    """Make the staging dir the live `<dataset>/<subtree>` in one atomic step; remove the old tree.
 
-    A journal records the transaction first, so a crash at any point is repaired by
-    `recover()`: the live path always holds the old or the new tree. A USR writer holding
-    the live `.usr.lock` gets `wait` seconds to finish first.
+    Every change of the run lies below `subtree` ("" = the whole dataset), so this one exchange
+    flips them all at once: the dataset is the old or the new one, never a mix. A journal
+    records the transaction first, so a crash at any point is repaired by `recover()`: the live
+    path always holds the old or the new tree. A USR writer holding the dataset's `.usr.lock`
+    gets `wait` seconds to finish first.
     """
-    live = dataset_dir(base_dir, dataset)
+    root = dataset_dir(base_dir, dataset)
     staging = staging_path(base_dir, dataset, txid)
     backup = staging + ".old"
     journal = journal_path(base_dir, dataset, txid)
     if not stat.S_ISDIR(os.lstat(staging).st_mode):  # a symlink planted there must never go live
         raise AgentError("unsafe_path", "refusing to promote %s: not a directory" % staging)
-    usr_lock = hold_usr_lock(live, wait) if os.path.isdir(live) and not os.path.islink(live) else None
+    usr_lock = hold_usr_lock(root, wait) if os.path.isdir(root) and not os.path.islink(root) else None
     try:
-        record = {"live": live, "staging": staging, "backup": backup, "txid": txid}
+        live = subtree_dir(root, subtree)  # checked under the lock: the path we swap is the one we checked
+        record = {"live": live, "subtree": subtree, "staging": staging, "backup": backup, "txid": txid}
         atomic_write(journal, json.dumps(record).encode("utf-8"))
         checkpoint("mid-promote")
         if not os.path.lexists(live):
@@ -933,15 +1008,18 @@ def recover(base_dir, dataset):
         try:
             with open(path, "rb") as handle:
                 record = json.loads(handle.read().decode("utf-8"))
-            live, backup = record["live"], record["backup"]
-        except (OSError, ValueError, KeyError, TypeError):
+            live, backup, subtree = record["live"], record["backup"], record.get("subtree", "")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             os.unlink(path)
             continue
-        if live != dataset_dir(base_dir, dataset):
-            continue  # not ours: never follow paths from a file we did not expect
+        if not _journal_is_ours(base_dir, dataset, live, backup, subtree):
+            continue  # never follow paths from a file we did not expect
         if not os.path.lexists(live) and os.path.isdir(backup):
-            os.rename(backup, live)  # died between the two renames of the fallback
-            repaired.append("restored live dataset from %s" % backup)
+            # Died between the two renames of the fallback: the old tree goes back where it was.
+            subtree_dir(dataset_dir(base_dir, dataset), subtree.rpartition("/")[0])  # real dirs only
+            os.rename(backup, live)
+            what = "live dataset" if not subtree else "live dataset directory %s" % subtree
+            repaired.append("restored %s from %s" % (what, backup))
         os.unlink(path)
         repaired.append("removed journal %s" % name)
     staging_dir = state_dir(base_dir, "staging")
@@ -955,6 +1033,17 @@ def recover(base_dir, dataset):
             os.unlink(os.path.join(tmp_dir, name))
             repaired.append("removed leftover file list %s" % name)
     return repaired
+
+
+def _journal_is_ours(base_dir, dataset, live, backup, subtree):
+    """Whether a journal names this dataset's own paths: the live `<dataset>/<subtree>` and a
+    backup in our staging dir under this dataset's name."""
+    if not isinstance(subtree, str) or (subtree and unsafe_path_reason(subtree)) or not isinstance(backup, str):
+        return False
+    root = dataset_dir(base_dir, dataset)
+    return (live == (fs_path(root, subtree) if subtree else root)
+            and os.path.dirname(backup) == state_dir(base_dir, "staging") and backup.endswith(".old")
+            and _owned_by(os.path.basename(backup), dataset_key(dataset)))
 
 
 def _owned_by(name, key):
@@ -1209,20 +1298,20 @@ class Agent(object):
                 progress_start=report.start if report else None,
             )
         reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
-        chunks = [json.dumps(entries[i:i + CHUNK_ENTRIES], separators=(",", ":"))
-                  for i in range(0, len(entries), CHUNK_ENTRIES)]
         if "known" in args:
             # The orchestrator keeps the last manifest we sent and tells us its digest: when ours
-            # is the same, a no-op run sends a digest instead of every entry.
-            digest = hashlib.sha256(json.dumps([exists, args["algo"], root]).encode("utf-8"))
-            for chunk in chunks:
-                digest.update(chunk.encode("utf-8") + b"\n")
+            # is the same, a no-op run sends a digest instead of every entry. marshal format 2
+            # (no back-references) is deterministic and half the cost of JSON-encoding for this.
+            digest = hashlib.sha256(marshal.dumps([exists, args["algo"], root], 2))
+            for i in range(0, len(entries), CHUNK_ENTRIES):
+                digest.update(marshal.dumps(entries[i:i + CHUNK_ENTRIES], 2))
             reply["digest"] = digest.hexdigest()
             reply["unchanged"] = args["known"] == reply["digest"]
             if reply["unchanged"]:
                 return reply
         head = '{"id":%s,"type":"chunk","items":' % json.dumps(rid)
-        for chunk in chunks:
+        for i in range(0, len(entries), CHUNK_ENTRIES):
+            chunk = json.dumps(entries[i:i + CHUNK_ENTRIES], separators=(",", ":"))
             self.send_body((head + chunk + "}").encode("utf-8"), compress=True)
         return reply
 
@@ -1261,18 +1350,19 @@ class Agent(object):
         return {"repaired": recover(args["base_dir"], args["dataset"])}
 
     def call_stage(self, args):
-        return stage(args["base_dir"], args["dataset"], args["txid"], args.get("link", []))
+        return stage(args["base_dir"], args["dataset"], args["txid"], args.get("link", []), args["subtree"])
 
     def call_verify(self, args):
+        subtree = args["subtree"]
         if args.get("staging"):
             root = staging_path(args["base_dir"], args["dataset"], args["txid"])
         else:
-            root = dataset_dir(args["base_dir"], args["dataset"])
+            root = subtree_dir(dataset_dir(args["base_dir"], args["dataset"]), subtree)
         checkpoint("before-verify")
-        return verify_tree(root, args["expected"], args.get("reread", []), args["algo"])
+        return verify_tree(root, args["expected"], args.get("reread", []), args["algo"], subtree)
 
     def call_promote(self, args):
-        return promote(args["base_dir"], args["dataset"], args["txid"], float(args.get("wait", 0)))
+        return promote(args["base_dir"], args["dataset"], args["txid"], float(args.get("wait", 0)), args["subtree"])
 
     def call_cleanup(self, args):
         staging = staging_path(args["base_dir"], args["dataset"], args["txid"])

@@ -196,6 +196,10 @@ def test_crash(sides: Sides, tmp_path: Path, crash: Crash) -> None:
             kill(agent_pids(sides))
         else:
             kill(sshd_session_pids(sides))
+        if crash.paused == "agent":
+            # It must end with its session whatever was killed; releasing the pause before it has
+            # noticed (SIGKILL and the teardown are asynchronous) would let it promote after all.
+            wait_for(lambda: paused not in agent_pids(sides), "the paused agent to end with its session", timeout=30)
         marker.unlink()  # a paused process that survived carries on
         _, err = proc.communicate(timeout=120)
     finally:

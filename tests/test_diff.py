@@ -84,7 +84,7 @@ def assert_common_fields(data: dict[str, Any]) -> str:
         "primary": "hash", "sidecars": "strict", "content_hashes": "on"}
     assert data["agent"]["hash_algo"] == algo
     assert data["transfer"] == {"files": 0, "bytes": 0, "deleted": 0, "linked": 0, "rsync_exit": None,
-                                "seconds": 0.0, "promote": None}
+                                "seconds": 0.0, "promote": None, "subtree": None}
     assert data["post"]["verified"] is False
     assert data["error"] is None
     return algo

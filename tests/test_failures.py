@@ -189,12 +189,22 @@ def test_orchestrator_killed_during_remote_verify(sides: Sides, sshd_rig: SshRig
 # --- e) readers during promotion ------------------------------------------------------------------
 
 
-def test_reader_sees_old_or_new_tree_never_a_mix(sides: Sides, tmp_path: Path) -> None:
-    old = {"_derived/ns/a.bin": b"old-a" * 100, "_derived/ns/b.bin": b"old-b" * 100}
-    new = {"_derived/ns/a.bin": b"new-a" * 100, "_derived/ns/b.bin": b"new-b" * 100}
+@pytest.mark.parametrize(("a", "b", "promoted"), [
+    ("_derived/ns/a.bin", "_derived/ns/b.bin", "_derived/ns"),  # the swap replaces one directory
+    ("_derived/x/a.bin", "_derived/y/b.bin", "_derived"),  # their parent
+    ("meta.md", "_derived/ns/a.bin", ""),  # the whole dataset
+])
+def test_reader_sees_old_or_new_tree_never_a_mix(sides: Sides, tmp_path: Path, a: str, b: str, promoted: str) -> None:
+    """A reader that opens the deepest directory holding the files it reads, and reads them
+    relative to that fd, sees them all old or all new. That directory is the promotion root or
+    lies below it (the root holds every change), so the fd pins one side of the swap."""
+    old = {a: b"old-a" * 100, b: b"old-b" * 100}
+    new = {a: b"new-a" * 100, b: b"new-b" * 100}
     sides.seed_both({**BASE_FILES, **old})
     write_tree(sides.remote, new)
     sides.chown_remote()
+    pinned = sides.local / os.path.commonpath([os.path.dirname(a), os.path.dirname(b)])
+    rel_a, rel_b = (os.path.relpath(sides.local / p, pinned) for p in (a, b))
 
     pairs: list[tuple[bytes, bytes]] = []
     stop = threading.Event()
@@ -210,9 +220,9 @@ def test_reader_sees_old_or_new_tree_never_a_mix(sides: Sides, tmp_path: Path) -
         for _ in range(1_000_000):
             if stop.is_set():
                 return
-            dir_fd = os.open(sides.local, os.O_RDONLY | os.O_DIRECTORY)
+            dir_fd = os.open(pinned, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                pairs.append((read(dir_fd, "_derived/ns/a.bin"), read(dir_fd, "_derived/ns/b.bin")))
+                pairs.append((read(dir_fd, rel_a), read(dir_fd, rel_b)))
             except FileNotFoundError:
                 pass  # the old tree is being removed after the swap: gone, never mixed
             finally:
@@ -221,18 +231,17 @@ def test_reader_sees_old_or_new_tree_never_a_mix(sides: Sides, tmp_path: Path) -
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        r = sides.run("pull")
+        r = sides.run("pull", "--audit-json-out", str(tmp_path / "pull.json"))
         wait_for(lambda: bool(pairs) and pairs[-1][0].startswith(b"new"), "the reader to see the new tree")
     finally:
         stop.set()
         thread.join(30)
 
     assert r.returncode == 0, r.stderr
-    old_pair = (old["_derived/ns/a.bin"], old["_derived/ns/b.bin"])
-    new_pair = (new["_derived/ns/a.bin"], new["_derived/ns/b.bin"])
+    assert load_audit(tmp_path / "pull.json")["transfer"]["subtree"] == promoted
+    old_pair, new_pair = (old[a], old[b]), (new[a], new[b])
     assert set(pairs) == {old_pair, new_pair}
     # Reads are ordered: the old tree until the swap, the new one after it.
     first_new = pairs.index(new_pair)
     assert set(pairs[first_new:]) == {new_pair}
     sides.assert_in_sync()
-

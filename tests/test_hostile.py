@@ -212,12 +212,13 @@ def test_symlinked_dir_planted_in_staging_is_replaced_not_followed(tmp_path: Pat
     (sides.remote / "_derived" / "new" / "part.parquet").write_bytes(b"PAR1new")
     outside, outside_before = _outside(tmp_path)
     proc, out = _paused_pull(sides, tmp_path, "after-stage")
-    (_staging(sides) / "_derived" / "new").symlink_to(outside, target_is_directory=True)
+    (_staging(sides) / "new").symlink_to(outside, target_is_directory=True)  # staging mirrors _derived/
     code, err = _resume(proc, tmp_path)
 
     assert code == 0, err
     assert tree_state(outside) == outside_before  # rsync replaced the link with a directory
-    assert load_audit(out)["transfer_state"] == "TRANSFERRED"
+    audit = load_audit(out)
+    assert (audit["transfer_state"], audit["transfer"]["subtree"]) == ("TRANSFERRED", "_derived")
     assert (sides.local / "_derived" / "new").is_dir() and not (sides.local / "_derived" / "new").is_symlink()
     sides.assert_in_sync()
 

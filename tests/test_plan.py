@@ -272,28 +272,124 @@ def test_events_out_of_scope_is_not_checked() -> None:
     assert ".events.log" in p.link
 
 
+# --- the promotion root -----------------------------------------------------------------------
+
+TREE = {"records.parquet": b"PAR1", "meta.md": b"# m\n",
+        **{f"_derived/d{d}/f{i}": b"%d-%d" % (d, i) for d in range(3) for i in range(3)}}
+D1 = [f"_derived/d1/f{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("direction", ["pull", "push"])
+@pytest.mark.parametrize(("changes", "subtree"), [
+    pytest.param({"_derived/d1/f0": b"new"}, "_derived/d1", id="one-file-in-one-dir"),
+    pytest.param({"_derived/d1/f0": b"new", "_derived/d1/f9": b"added", "_derived/d1/f2": None}, "_derived/d1",
+                 id="changed-added-deleted-in-one-dir"),
+    pytest.param({"_derived/d0/f0": b"new", "_derived/d2/f1": b"new"}, "_derived", id="two-sibling-dirs"),
+    pytest.param({"_derived/d1/f0": b"new", "meta.md": b"# m2\n"}, "", id="and-a-root-file"),
+    pytest.param({"notes.txt": b"new"}, "", id="a-new-root-file"),
+    pytest.param({"_derived/d1/new/deeper/f": b"x"}, "_derived/d1", id="new-dirs-nearest-existing-ancestor"),
+    pytest.param({"_derived/d3/f": b"x"}, "_derived", id="new-sibling-dir"),
+    pytest.param({"_snapshots/s": b"x"}, "", id="new-top-level-dir"),
+    pytest.param({"_derived/d1/f1": None}, "_derived/d1", id="one-file-of-a-dir-deleted"),
+    pytest.param(dict.fromkeys(D1), "_derived", id="whole-dir-deleted-its-parent"),
+    pytest.param({**dict.fromkeys(D1), "_derived/d1/g": b"x"}, "_derived/d1", id="dir-emptied-and-refilled"),
+    pytest.param({"_derived/d1/f0": None, "_derived/d1/f0/g": b"x"}, "_derived/d1", id="file-becomes-dir"),
+])
+def test_promotion_root(direction: str, changes: dict[str, bytes | None], subtree: str) -> None:
+    edited = {k: v for k, v in (TREE | changes).items() if v is not None}
+    local, remote = (TREE, edited) if direction == "pull" else (edited, TREE)
+    p = plan(manifest_of(local), manifest_of(remote), direction)
+    assert p.subtree == subtree
+    prefix = subtree + "/" if subtree else ""
+    # Only the promotion root is staged: its unchanged files are linked, the rest stays untouched.
+    assert p.copy == sorted(k for k, v in edited.items() if TREE.get(k) != v)
+    assert p.delete == sorted(set(TREE) - set(edited))
+    assert p.link == sorted(k for k, v in edited.items() if TREE.get(k) == v and k.startswith(prefix))
+    assert p.expected == {k: target(v) for k, v in edited.items() if k.startswith(prefix)}
+    assert p.reread == p.copy
+    assert [p.staged(k) for k in p.copy] == [k.removeprefix(prefix) for k in p.copy]
+
+
+@pytest.mark.parametrize(("name", "subtree"), [
+    ("_derived/d1/.usr.lock", "_derived"),  # a runtime name at a dataset's top: a scan of d1 would skip it
+    ("_derived/d1/.usrsync-notes/x", "_derived"),
+    ("_derived/d1/sub/.usr.lock", "_derived/d1"),  # deeper down it is an ordinary file
+])
+def test_no_promotion_root_holds_a_runtime_name_at_its_top(name: str, subtree: str) -> None:
+    local = TREE | {name: b"kept"}
+    p = plan(manifest_of(local), manifest_of(local | {"_derived/d1/f0": b"new"}), "pull")
+    assert (p.subtree, p.copy) == (subtree, ["_derived/d1/f0"])
+    assert name in p.link
+
+
+def test_first_pull_promotes_the_whole_dataset() -> None:
+    p = plan(manifest_of({}, exists=False), manifest_of(TREE), "pull")
+    assert (p.subtree, p.copy, p.link, p.staged("_derived/d1/f0")) == ("", sorted(TREE), [], "_derived/d1/f0")
+
+
+def test_out_of_scope_files_below_the_root_are_linked_from_the_destination() -> None:
+    """--skip-snapshots: a snapshot that differs inside the promoted directory keeps its destination bytes."""
+    local = TREE | {"_snapshots/a/s1": b"local", "_snapshots/a/s2": b"same"}
+    remote = TREE | {"_snapshots/a/s1": b"remote", "_snapshots/a/s2": b"same", "_derived/d1/f0": b"new"}
+    p = plan(manifest_of(local), manifest_of(remote), "pull", Policy(skip_snapshots=True))
+    assert (p.subtree, p.copy, p.link) == ("_derived/d1", ["_derived/d1/f0"], D1[1:])
+    p = plan(manifest_of(local), manifest_of(remote | {"meta.md": b"# m2\n"}), "pull", Policy(skip_snapshots=True))
+    assert p.subtree == ""
+    assert p.expected["_snapshots/a/s1"] == target(b"local")
+    assert "_snapshots/a/s1" in p.link
+
+
 # --- properties -----------------------------------------------------------------------------
 
 PATHS = ["records.parquet", "meta.md", ".events.log", "_snapshots/s1", "_snapshots/s2", "_derived/a",
-         "_derived/b/c", "notes.txt", "x/y"]
-side = st.dictionaries(st.sampled_from(PATHS), st.sampled_from([b"", b"a", b"b", b"ab"]), max_size=len(PATHS))
+         "_derived/b/c", "_derived/b/d/e", "_derived/f/g", "notes.txt", "x/y", "x/z/w"]
+content = st.sampled_from([b"", b"a", b"b", b"ab"])
+side = st.dictionaries(st.sampled_from(PATHS), content, max_size=len(PATHS))
+edits = st.dictionaries(st.sampled_from(PATHS), st.none() | content, max_size=4)  # None: the file goes
 
 
-@settings(max_examples=200, deadline=None)
-@given(side, side, st.sampled_from(["pull", "push"]), st.booleans(), st.booleans(), st.booleans())
-def test_plan_stages_exactly_the_mirror(lfiles, rfiles, direction, primary_only, skip_snapshots, sidecars) -> None:
+def dirs_of(path: str) -> list[str]:
+    """The directories above a path, outermost first ("" not included)."""
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def has_dir(files: dict[str, bytes], directory: str) -> bool:
+    return any(k.startswith(directory + "/") for k in files)
+
+
+@settings(max_examples=300, deadline=None)
+@given(side, edits, st.sampled_from(["pull", "push"]), st.booleans(), st.booleans(), st.booleans())
+def test_plan_stages_exactly_the_mirror(lfiles, changes, direction, primary_only, skip_snapshots, sidecars) -> None:
+    """The other side is this one with a few edits: small diffs exercise deep promotion roots."""
     lfiles.setdefault("records.parquet", b"p")
+    rfiles = {k: v for k, v in (lfiles | changes).items() if v is not None}
     rfiles.setdefault("records.parquet", b"q")
     policy = Policy(primary_only=primary_only, skip_snapshots=skip_snapshots, sidecars=sidecars)
     p = plan(manifest_of(lfiles), manifest_of(rfiles), direction, policy)
     source, dest = (rfiles, lfiles) if direction == "pull" else (lfiles, rfiles)
     in_scope = {path for path in PATHS if policy.in_scope(classify(path))}
     staged = {k: v for k, v in source.items() if k in in_scope} | {k: v for k, v in dest.items() if k not in in_scope}
-    assert p.expected == {k: target(v) for k, v in staged.items()}
+
+    def below(path: str, directory: str = p.subtree) -> bool:
+        return not directory or path.startswith(directory + "/")
+
+    # Exchanging live/<subtree> for the staged tree turns the destination into the mirror.
+    assert {k: target(v) for k, v in dest.items() if not below(k)} | p.expected == \
+        {k: target(v) for k, v in staged.items()}
+    assert all(below(k) for k in p.expected)
     assert set(p.copy).isdisjoint(p.link)
     assert sorted(p.copy + p.link) == sorted(p.expected)
     assert p.delete == sorted(k for k in dest if k in in_scope and k not in source)
+    assert all(below(k) for k in p.delete)
     assert all(dest.get(k) != v for k, v in staged.items() if k in p.copy)
     assert all(dest[k] == v for k, v in staged.items() if k in p.link)
     assert p.noop == (staged == dest)
     assert set(p.reread) <= set(p.copy)
+    # The promotion root is a directory before and after, and no deeper one holding every change is.
+    if p.subtree:
+        assert has_dir(dest, p.subtree) and has_dir(staged, p.subtree)
+    changed = p.copy + p.delete
+    if changed:
+        deeper = [d for d in dirs_of(changed[0]) if len(d) > len(p.subtree) and all(below(k, d) for k in changed)]
+        assert not [d for d in deeper if has_dir(dest, d) and has_dir(staged, d)]

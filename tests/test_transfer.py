@@ -168,13 +168,16 @@ def test_pull_moves_only_the_changed_file_of_many(sides: Sides) -> None:
     assert r.returncode == 0, r.stderr
     audit = load_audit(sides.root / "pull.json")
     assert audit["transfer_state"] == "TRANSFERRED"
+    # Only _derived/ns/, the directory holding the change, was staged and swapped in: its 194
+    # unchanged files were hard-linked into staging (`linked`); the 5 files outside it were not
+    # touched at all, so they are not counted.
     assert audit["transfer"] == {**audit["transfer"], "files": 1, "bytes": len(b"PAR1-rewritten-in-place"),
-                                 "deleted": 0, "linked": 199, "rsync_exit": 0}
+                                 "deleted": 0, "linked": 194, "rsync_exit": 0, "subtree": "_derived/ns"}
     assert audit["_derived"] == {**audit["_derived"], "changed": True, "differing": ["ns/part-0100.parquet"],
                                  "local_only": [], "remote_only": []}
     assert [s for s in ("primary", "meta", ".events.log", "_snapshots", "_auxiliary") if audit[s]["changed"]] == []
     sides.assert_in_sync()
-    # The 199 unchanged files were hard-linked into staging, so they are the very same inodes.
+    # Linked or left in place, all 199 unchanged files are the very same inodes.
     after = {p: (sides.local / p).stat().st_ino for p in files}
     assert [p for p in files if after[p] != inodes[p]] == [changed]
 
@@ -217,9 +220,9 @@ def test_concurrent_pull_with_wait_runs_after_the_holder(sides: Sides, sshd_rig:
     try:
         paused_pid(marker, first)
         second = sides.start("pull", "--wait", "60", "--audit-json-out", str(tmp_path / "second.json"))
-        # Once its agent runs, the second pull is a moment away from waiting for the lock.
-        wait_for(lambda: _agents(sshd_rig) == 2, "the second pull to connect")
-        time.sleep(0.5)
+        # The local lock is taken before connecting: the second pull waits there, agentless.
+        time.sleep(1.0)
+        assert second.poll() is None and _agents(sshd_rig) == 1
     finally:
         marker.unlink(missing_ok=True)
         _, first_err = first.communicate(timeout=120)

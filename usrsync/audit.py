@@ -95,10 +95,11 @@ class TransferReport(msgspec.Struct, kw_only=True):
     files: int = 0
     bytes: int = 0
     deleted: int = 0
-    linked: int = 0
+    linked: int = 0  # unchanged files hard-linked into the staged `subtree`
     rsync_exit: int | None = None
     seconds: float = 0.0
     promote: str | None = None
+    subtree: str | None = None  # the directory staged and promoted ("" = the whole dataset); None: none
 
 
 class PostReport(msgspec.Struct, kw_only=True):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -83,6 +86,7 @@ def local_manifest(
     hash_sections: set[str] | None = None,
     trusted: dict[str, list] | None = None,
     progress: HashProgress | None = None,
+    cancelled: threading.Event | None = None,
 ) -> Manifest:
     if not root.is_dir():
         return Manifest(exists=False, algo=algo, entries=[])
@@ -97,9 +101,19 @@ def local_manifest(
         str(root), algo, jobs=jobs, cache_dir=str(cache_dir) if cache_dir else None,
         use_cache=use_cache, hash_sections=hash_sections, trusted=trusted,
         progress=(lambda files, nbytes: progress(files, nbytes, *totals)) if progress else None,
-        progress_start=start if progress else None,
+        progress_start=start if progress else None, cancelled=cancelled,
     )
     return Manifest(exists=True, algo=algo, entries=engine_entries(raw))
+
+
+def cached_algo(root: Path, cache_dir: Path | None = None) -> str | None:
+    """The algorithm of the most recently written hash cache of this dataset dir, if any."""
+    caches = []
+    for algo in engine.hash_algos():
+        with contextlib.suppress(OSError):
+            caches.append((os.stat(engine.HashCache.path_for(str(cache_dir or engine.default_cache_dir()),
+                                                             str(root), algo)).st_mtime_ns, algo))
+    return max(caches)[1] if caches else None
 
 
 _CONVERT_SLICE = 50_000

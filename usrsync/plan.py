@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
 import re
+from collections.abc import Iterable
 from typing import Literal
 
 import msgspec
 
 from usrsync.compare import Comparison, Policy
-from usrsync.dataset import EVENTS, PRIMARY
+from usrsync.dataset import EVENTS, PRIMARY, classify
 from usrsync.errors import RefusedError, UsrError
+from usrsync.manifest import Entry
 
 Direction = Literal["pull", "push"]
 
@@ -47,18 +50,30 @@ class FileTarget(msgspec.Struct, array_like=True, frozen=True, gc=False):  # one
 
 
 class TransferPlan(msgspec.Struct, kw_only=True):
+    """What a pull or push does. Every path is dataset-relative, `subtree` included.
+
+    Only the promotion root `subtree` is staged and exchanged: staging mirrors `live/<subtree>`,
+    so `link`, `expected` and `reread` cover the files below it (a staged path is a path here
+    minus the `subtree/` prefix: see `staged`). Files outside it are not touched at all.
+    """
+
     direction: Direction
-    copy: list[str]        # source paths whose bytes must move
-    link: list[str]        # destination live paths hard-linked into staging unchanged
-    delete: list[str]      # destination paths that the source no longer has
-    expected: dict[str, FileTarget]  # the staged tree, exactly
-    reread: list[str]      # staged paths whose bytes are reread and hashed
+    subtree: str           # the promotion root ("" = the whole dataset): see promotion_root()
+    copy: list[str]        # source paths whose bytes must move (all below subtree)
+    link: list[str]        # destination files below subtree hard-linked into staging unchanged
+    delete: list[str]      # destination paths that the source no longer has (all below subtree)
+    expected: dict[str, FileTarget]  # the staged subtree, exactly: live/<subtree> after promotion
+    reread: list[str]      # copied paths whose staged bytes are reread and hashed
     bytes: int
     bootstrap: bool
 
     @property
     def noop(self) -> bool:
         return not self.copy and not self.delete
+
+    def staged(self, path: str) -> str:
+        """A path of this plan relative to the staged subtree (as rsync's file list wants it)."""
+        return path[len(self.subtree) + 1:] if self.subtree else path
 
 
 def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_delete: MaxDelete) -> TransferPlan:
@@ -80,24 +95,25 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
     _check_events(cmp, direction, policy)
 
     copy: list[str] = []
-    link: list[str] = []
     delete: list[str] = []
-    expected: dict[str, FileTarget] = {}
+    unchanged: list[tuple[list[str], dict[str, Entry]]] = []  # kept files, and the manifest describing them
+    before: list[list[str]] = []  # sorted path lists: the destination's files now
+    after: list[list[str]] = []  # and after the transfer
     in_scope_dest = 0
     for delta in cmp.sections.values():
         source_only = delta.remote_only if pull else delta.local_only
         dest_only = delta.local_only if pull else delta.remote_only
+        before += [delta.same, delta.differing, dest_only]
         if not delta.in_scope:
             kept = sorted(set(delta.same) | set(delta.differing) | set(dest_only))
-            link += kept
-            expected.update({p: FileTarget(dest[p].size, dest[p].digest) for p in kept})
+            unchanged.append((kept, dest))
+            after.append(kept)
             continue
         in_scope_dest += delta.local_files if pull else delta.remote_files
         copy += source_only + delta.differing
-        link += delta.same
         delete += dest_only
-        for path in source_only + delta.differing + delta.same:
-            expected[path] = FileTarget(source[path].size, source[path].digest)
+        unchanged.append((delta.same, source))
+        after += [delta.same, delta.differing, source_only]
 
     if delete and max_delete.exceeded(len(delete), in_scope_dest):
         raise RefusedError(
@@ -107,13 +123,62 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
             "(e.g. --max-delete 100%)",
         )
     copy.sort()
-    link.sort()
     delete.sort()
+    subtree = promotion_root(copy, delete, before, after) if dest_exists else ""
+    while True:
+        prefix = subtree + "/" if subtree else ""
+        link: list[str] = []
+        expected: dict[str, FileTarget] = {}
+        for paths, described in unchanged:
+            below = [p for p in paths if p.startswith(prefix)] if prefix else paths
+            link += below
+            expected.update({p: FileTarget(described[p].size, described[p].digest) for p in below})
+        expected.update({p: FileTarget(source[p].size, source[p].digest) for p in copy})
+        # The staged tree is scanned like a dataset of its own, and a scan skips runtime names
+        # (`.usr.lock`, `.usrsync*`) at the top: a directory holding one there cannot be the root.
+        if not prefix or all(classify(p[len(prefix):].partition("/")[0]) for p in expected):
+            break
+        subtree = subtree.rpartition("/")[0]
+    link.sort()
     reread = [p for p in copy if expected[p].digest and (policy.sidecars or source[p].section == PRIMARY)]
     return TransferPlan(
-        direction=direction, copy=copy, link=link, delete=delete, expected=expected,
+        direction=direction, subtree=subtree, copy=copy, link=link, delete=delete, expected=expected,
         reread=reread, bytes=sum(source[p].size for p in copy), bootstrap=not dest_exists,
     )
+
+
+def promotion_root(copy: list[str], delete: list[str], before: list[list[str]], after: list[list[str]]) -> str:
+    """The directory that one atomic exchange must replace to apply every change ("" = the dataset).
+
+    `copy` and `delete` are sorted; `before` and `after` are sorted path lists of the destination's
+    files now and after the transfer. The answer is the deepest directory with every changed file
+    below it that exists as a directory both before (the exchange needs it) and after (a directory
+    that vanishes, or appears, is itself a change, so its parent must be exchanged).
+    """
+    changed = [paths for paths in (copy, delete) if paths]
+    if not changed:
+        return ""
+    # Everything between the smallest and the largest path shares their common directory.
+    first = min(paths[0] for paths in changed).split("/")[:-1]
+    last = max(paths[-1] for paths in changed).split("/")[:-1]
+    depth = 0
+    while depth < min(len(first), len(last)) and first[depth] == last[depth]:
+        depth += 1
+    directory = "/".join(first[:depth])
+    while directory and not (_holds_a_file(before, directory) and _holds_a_file(after, directory)):
+        directory = directory.rpartition("/")[0]
+    return directory
+
+
+def _holds_a_file(sorted_lists: Iterable[list[str]], directory: str) -> bool:
+    """Whether some path below `directory` is in one of the lists (a bisection each: the paths
+    with one prefix are contiguous; an unsorted list can only make this say no, never a false yes)."""
+    prefix = directory + "/"
+    for paths in sorted_lists:
+        i = bisect.bisect_left(paths, prefix)
+        if i < len(paths) and paths[i].startswith(prefix):
+            return True
+    return False
 
 
 def _check_events(cmp: Comparison, direction: Direction, policy: Policy) -> None:

@@ -82,8 +82,10 @@ def decision_line(data: audit.AuditData) -> str:
                 f"and delete {t.deleted}")
     if state == "TRANSFERRED":
         proof = "verified, in sync" if data.post.in_sync else "NOT in sync"
+        # Only `subtree` was staged: `linked` counts its unchanged files, the rest was not touched.
+        where = f"in {t.subtree}/" if t.subtree else "in the dataset"
         return (f"{data.action.upper()}: TRANSFERRED {t.files} files ({human_bytes(t.bytes)}), deleted {t.deleted}, "
-                f"{t.linked} unchanged kept; {proof} ({t.seconds:.1f} s)")
+                f"{t.linked} unchanged linked {where}; {proof} ({t.seconds:.1f} s)")
     return f"{data.action.upper()}: FAILED"
 
 

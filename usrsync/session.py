@@ -196,20 +196,26 @@ class RemoteSession:
         reply, _ = await self.client.call("recover", self._args(dataset), RecoverReply)
         return reply.repaired
 
-    async def stage(self, dataset: str, txid: str, link: list[str]) -> StageReply:
-        reply, _ = await self.client.call("stage", self._args(dataset, txid=txid, link=link), StageReply)
+    async def stage(self, dataset: str, txid: str, link: list[str], subtree: str) -> StageReply:
+        """A staging dir mirroring the dataset's directory `subtree` ("" = all of it), `link` linked in."""
+        args = self._args(dataset, txid=txid, link=link, subtree=subtree)
+        reply, _ = await self.client.call("stage", args, StageReply)
         return reply
 
     async def verify(self, dataset: str, txid: str, *, expected: dict[str, Any], reread: list[str], algo: str,
-                     staging: bool) -> VerifyReply:
-        args = self._args(dataset, txid=txid, expected=expected, reread=reread, algo=algo, staging=staging)
+                     staging: bool, subtree: str) -> VerifyReply:
+        """Check staging, or the live directory `subtree`, against `expected` (dataset-relative paths)."""
+        args = self._args(dataset, txid=txid, expected=expected, reread=reread, algo=algo, staging=staging,
+                          subtree=subtree)
         reply, _ = await self.client.call("verify", args, VerifyReply)
         return reply
 
-    async def promote(self, dataset: str, txid: str, *, wait: float) -> str:
-        """Swap staging in; a USR writer holding the live dataset's `.usr.lock` gets `wait` s to finish."""
+    async def promote(self, dataset: str, txid: str, *, wait: float, subtree: str) -> str:
+        """Swap staging in for the directory `subtree`; a USR writer holding the dataset's `.usr.lock`
+        gets `wait` s to finish."""
         try:
-            reply, _ = await self.client.call("promote", self._args(dataset, txid=txid, wait=wait), PromoteReply)
+            args = self._args(dataset, txid=txid, wait=wait, subtree=subtree)
+            reply, _ = await self.client.call("promote", args, PromoteReply)
         except AgentCallError as exc:
             if exc.agent_kind == "locked":
                 raise LockedError(f"remote {self.remote.name!r}: {exc.agent_message}",

@@ -7,8 +7,10 @@ by an atomic promotion of a fully verified staging tree.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +36,7 @@ from usrsync.errors import (
 )
 from usrsync.locks import acquire_local_lock
 from usrsync.manifest import HashProgress, Manifest, local_manifest
+from usrsync.manifest import cached_algo as manifest_cached_algo
 from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
 from usrsync.session import RemoteSession, VerifyReply
 
@@ -66,19 +69,22 @@ def new_txid() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
-def resolve_policy(options: SyncOptions, hello_pyarrow: bool) -> tuple[Policy, list[str]]:
+def resolve_policy(options: SyncOptions) -> tuple[Policy, list[str]]:
     notes: list[str] = []
     verify = options.verify
     if verify == "auto":
         verify = "hash"
         notes.append("--verify auto resolved to hash: content digests are available on both ends")
-    if verify == "parquet" and not (engine.has_pyarrow() and hello_pyarrow):
-        missing = "this machine" if not engine.has_pyarrow() else "the remote"
-        raise UsrError(f"--verify parquet needs pyarrow on both ends; {missing} has none",
-                       "use --verify hash (content digests, the default) or install pyarrow")
     policy = Policy(verify=verify, sidecars=options.sidecars, content_hashes=options.content_hashes,
                     primary_only=options.primary_only, skip_snapshots=options.skip_snapshots)
     return policy, notes
+
+
+def require_pyarrow(policy: Policy, remote_has_pyarrow: bool) -> None:
+    if policy.verify == "parquet" and not (engine.has_pyarrow() and remote_has_pyarrow):
+        missing = "this machine" if not engine.has_pyarrow() else "the remote"
+        raise UsrError(f"--verify parquet needs pyarrow on both ends; {missing} has none",
+                       "use --verify hash (content digests, the default) or install pyarrow")
 
 
 class Run:
@@ -99,6 +105,7 @@ class Run:
         self.local_lock: engine.Lock | None = None
         self.remote_locked = False
         self.algo = "sha256"
+        self._speculation: tuple[str, threading.Event, asyncio.Task[Manifest]] | None = None
         self.log = log.bind(action=action, dataset=dataset, remote=remote.name, txid=self.txid)
         profile = remote.profile
         self.data = audit.AuditData(
@@ -163,17 +170,21 @@ class Run:
         return code
 
     async def _run(self) -> int:
+        policy, notes = resolve_policy(self.options)
+        transferring = self.action != "diff" and not self.options.dry_run
+        if transferring:
+            await self._lock_local()
+        self._speculate_local_manifest(policy)
         self.log.info("connecting", host=self.remote.display_host)
         self.session = await RemoteSession.open(self.remote)
         hello = self.session.hello
         self.algo = "xxh3_128" if "xxh3_128" in hello.hash_algos and engine.xxhash is not None else "sha256"
-        policy, notes = resolve_policy(self.options, hello.pyarrow)
+        require_pyarrow(policy, hello.pyarrow)
         self.data.verify = audit.verify_info(policy, self.algo, notes)
         self.data.agent = audit.AgentInfo(version=hello.version, python=hello.python, hash_algo=self.algo,
                                           hostname=hello.hostname, rsync=(hello.rsync or "").split("\n")[0] or None)
-        transferring = self.action != "diff" and not self.options.dry_run
         if transferring:
-            await self._lock_both()
+            await self._lock_remote()
             engine.checkpoint("after-lock")
 
         local, remote = await self._manifests(policy)
@@ -195,7 +206,7 @@ class Run:
             return 0
         plan = plan_transfer(cmp, self.action, policy, self.options.max_delete)
         self.data.transfer = audit.TransferReport(files=len(plan.copy), bytes=plan.bytes, deleted=len(plan.delete),
-                                                  linked=len(plan.link))
+                                                  linked=len(plan.link), subtree=None if plan.noop else plan.subtree)
         if plan.noop:
             self.data.transfer_state = "NO-OP"
             self.data.post = audit.PostReport(verified=True, in_sync=True)
@@ -217,28 +228,34 @@ class Run:
 
     # --- locks -----------------------------------------------------------------------------
 
-    async def _lock_both(self) -> None:
-        assert self.session is not None
-        timeout = self.remote.profile.lock_timeout
+    async def _lock_local(self) -> None:
+        """Our lock on this side, then repair what a crashed run left here (before anything scans it)."""
         started = time.monotonic()
-        lock = await asyncio.to_thread(acquire_local_lock, self.root, self.dataset, self.txid, timeout,
-                                       self.options.wait)
+        lock = await asyncio.to_thread(acquire_local_lock, self.root, self.dataset, self.txid,
+                                       self.remote.profile.lock_timeout, self.options.wait)
         self.local_lock = lock
         if lock.broken:
             self.data.lock.broken_stale.append({"side": "local", **lock.broken})
-        remaining = max(0.0, self.options.wait - (time.monotonic() - started))
-        reply = await self.session.lock(self.dataset, self.txid, timeout=timeout, wait=remaining)
+        self.data.lock.waited_seconds = round(time.monotonic() - started, 3)
+        self._warn_recovered(await asyncio.to_thread(engine.recover, str(self.root), self.dataset))
+
+    async def _lock_remote(self) -> None:
+        assert self.session is not None
+        started = time.monotonic()
+        remaining = max(0.0, self.options.wait - self.data.lock.waited_seconds)
+        reply = await self.session.lock(self.dataset, self.txid, timeout=self.remote.profile.lock_timeout,
+                                        wait=remaining)
         self.remote_locked = True
         if reply.broken:
             self.data.lock.broken_stale.append({"side": "remote", **reply.broken})
-        self.data.lock.waited_seconds = round(time.monotonic() - started, 3)
-        # Leftovers of a crashed run of this dataset (staging, journal) are ours to repair now.
-        repaired = await asyncio.to_thread(engine.recover, str(self.root), self.dataset)
-        repaired += await self.session.recover(self.dataset)
-        if repaired:
-            self.data.warnings.extend(f"recovered: {r}" for r in repaired)
+        self.data.lock.waited_seconds = round(self.data.lock.waited_seconds + time.monotonic() - started, 3)
+        self._warn_recovered(await self.session.recover(self.dataset))
+
+    def _warn_recovered(self, repaired: list[str]) -> None:
+        self.data.warnings.extend(f"recovered: {r}" for r in repaired)
 
     async def _release(self) -> None:
+        await self._drop_speculation()
         session = self.session
         if session is not None:
             try:
@@ -259,11 +276,43 @@ class Run:
         hook = self.hooks.hash_progress
         return functools.partial(hook, side) if hook else None
 
-    async def _local_manifest(self, policy: Policy, trusted: dict[str, list] | None = None) -> Manifest:
+    async def _local_manifest(self, policy: Policy, trusted: dict[str, list] | None = None, *,
+                              algo: str | None = None, cancelled: threading.Event | None = None,
+                              progress: bool = True) -> Manifest:
         return await asyncio.to_thread(
-            local_manifest, self.local_dir, self.algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
-            hash_sections=policy.hashed_sections(), trusted=trusted, progress=self._hash_progress("local"),
+            local_manifest, self.local_dir, algo or self.algo, jobs=self.options.jobs,
+            use_cache=self.options.use_cache, hash_sections=policy.hashed_sections(), trusted=trusted,
+            progress=self._hash_progress("local") if progress else None, cancelled=cancelled,
         )
+
+    def _speculate_local_manifest(self, policy: Policy) -> None:
+        """Scan this side while we connect, in the algorithm of its newest hash cache (the one the
+        last run agreed on with a remote). No cache, no guess: an unwarranted guess could mean
+        hashing a whole dataset for nothing. Progress stays off: an MFA prompt may be showing."""
+        algo = manifest_cached_algo(self.local_dir) if self.options.use_cache else None
+        if algo is None:
+            return
+        cancelled = threading.Event()
+        task = asyncio.create_task(self._local_manifest(policy, algo=algo, cancelled=cancelled, progress=False))
+        self._speculation = (algo, cancelled, task)
+
+    async def _drop_speculation(self) -> None:
+        """Stop an unused speculative scan (it stops before its next file to hash) and reap it."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
+            _, cancelled, task = speculation
+            cancelled.set()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+
+    async def _local_manifest_now(self, policy: Policy) -> Manifest:
+        """The speculative scan if it guessed this run's algorithm, else a fresh one."""
+        if self._speculation is not None and self._speculation[0] == self.algo:
+            _, _, task = self._speculation
+            self._speculation = None
+            return await task
+        await self._drop_speculation()
+        return await self._local_manifest(policy)
 
     async def _remote_manifest(self, policy: Policy, trusted: dict[str, list] | None = None) -> Manifest:
         assert self.session is not None
@@ -273,9 +322,11 @@ class Run:
 
     async def _manifests(self, policy: Policy) -> tuple[Manifest, Manifest]:
         started = time.monotonic()
-        local, remote = await asyncio.gather(self._local_manifest(policy), self._remote_manifest(policy))
+        guessed = self._speculation[0] if self._speculation is not None else None
+        local, remote = await asyncio.gather(self._local_manifest_now(policy), self._remote_manifest(policy))
+        local_scan = "fresh" if guessed is None else "early" if guessed == self.algo else f"fresh ({guessed} guessed)"
         self.log.info("manifests", local_files=len(local.entries), remote_files=len(remote.entries),
-                      seconds=round(time.monotonic() - started, 3))
+                      local_scan=local_scan, seconds=round(time.monotonic() - started, 3))
         return local, remote
 
     async def _events_state(self, local: Manifest, remote: Manifest) -> EventsState | None:
@@ -305,7 +356,8 @@ class Run:
         directory = self.root / engine.STATE_DIR / "tmp"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{engine.dataset_key(self.dataset)}.{self.txid}.files"
-        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in files_with_parents(plan.copy)))
+        paths = files_with_parents([plan.staged(p) for p in plan.copy])  # relative to what rsync copies
+        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in paths))
         return path
 
     async def _rsync(self, plan: TransferPlan, source: str, dest: str, basis: str | None) -> None:
@@ -377,27 +429,31 @@ class Run:
     async def _pull(self, plan: TransferPlan, cmp: Comparison, policy: Policy, remote: Manifest) -> None:
         assert self.session is not None
         root = str(self.root)
-        staged = await asyncio.to_thread(engine.stage, root, self.dataset, self.txid, plan.link)
+        staged = await asyncio.to_thread(engine.stage, root, self.dataset, self.txid, plan.link, plan.subtree)
         staging = staged["staging"]
+        live = self.local_dir / plan.subtree  # the directory staging mirrors and replaces
         promoted = False
         try:
             engine.checkpoint("after-stage")
             if plan.copy:
-                live = self.session.dataset_path(self.dataset)
-                basis = str(self.local_dir) if self.local_dir.is_dir() else None
-                await self._rsync(plan, self.session.transport.rsync_endpoint(live + "/"), staging + "/", basis)
+                source = below(self.session.dataset_path(self.dataset), plan.subtree)
+                basis = str(live) if live.is_dir() else None
+                await self._rsync(plan, self.session.transport.rsync_endpoint(source + "/"), staging + "/", basis)
             engine.checkpoint("after-rsync")
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
-            result = await asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo)
+            result = await asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree)
             # A source changed under rsync also fails verification: name that cause first.
             await self._source_unchanged(policy, remote, "remote")
             self._check_verified(result.problems, "the staged copy")
             engine.checkpoint("after-verify")
-            method = await asyncio.to_thread(promote_local, self.root, self.dataset, self.txid, self.options.wait)
+            method = await asyncio.to_thread(promote_local, self.root, self.dataset, self.txid, self.options.wait,
+                                             plan.subtree)
             promoted = True
             self.data.transfer.promote = method
-            self.log.info("promoted", method=method)
-            check = await asyncio.to_thread(verify_local, str(self.local_dir), expected, [], self.algo)
+            self.log.info("promoted", method=method, subtree=plan.subtree)
+            # The promoted directory holds exactly the staged files; the manifest of the whole
+            # dataset then proves that all of it equals the source.
+            check = await asyncio.to_thread(verify_local, str(live), expected, [], self.algo, plan.subtree)
             post = await self._local_manifest(policy, _trusted(check, expected))
             self._post(policy, post, remote, result, check.problems)
         finally:
@@ -407,29 +463,29 @@ class Run:
     async def _push(self, plan: TransferPlan, cmp: Comparison, policy: Policy, local: Manifest) -> None:
         session = self.session
         assert session is not None
-        staged = await session.stage(self.dataset, self.txid, plan.link)
+        staged = await session.stage(self.dataset, self.txid, plan.link, plan.subtree)
         promoted = False
         try:
             engine.checkpoint("after-stage")
             if plan.copy:
-                live = session.dataset_path(self.dataset)
-                remote_live_exists = cmp.remote_exists
-                await self._rsync(plan, str(self.local_dir) + "/",
+                live = below(session.dataset_path(self.dataset), plan.subtree)
+                await self._rsync(plan, str(self.local_dir / plan.subtree) + "/",
                                   session.transport.rsync_endpoint(staged.staging + "/"),
-                                  live if remote_live_exists else None)
+                                  live if cmp.remote_exists else None)
             engine.checkpoint("after-rsync")
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
             result = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
-                                          algo=self.algo, staging=True)
+                                          algo=self.algo, staging=True, subtree=plan.subtree)
             await self._source_unchanged(policy, local, "local")
             self._check_verified(result.problems, "the remote staged copy")
-            method = await session.promote(self.dataset, self.txid, wait=self.options.wait)
+            method = await session.promote(self.dataset, self.txid, wait=self.options.wait, subtree=plan.subtree)
             promoted = True
             self.data.transfer.promote = method
-            self.log.info("promoted", method=method)
-            # Re-verify the promoted live tree: reread what moved, check every path and size.
+            self.log.info("promoted", method=method, subtree=plan.subtree)
+            # Re-verify the promoted live directory (reread what moved, check every path and size);
+            # the manifest of the whole dataset then proves that all of it equals the source.
             check = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
-                                         algo=self.algo, staging=False)
+                                         algo=self.algo, staging=False, subtree=plan.subtree)
             post = await self._remote_manifest(policy, _trusted(check, expected))
             self._post(policy, post, local, check, check.problems)
         finally:
@@ -460,8 +516,13 @@ def files_with_parents(paths: list[str]) -> list[str]:
     return sorted(dirs.union(paths))
 
 
-def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: str) -> VerifyReply:
-    return msgspec.convert(engine.verify_tree(root, expected, reread, algo), VerifyReply)
+def below(path: str, subtree: str) -> str:
+    """The directory `subtree` ("" = the dataset itself) of the dataset at `path`."""
+    return f"{path}/{subtree}" if subtree else path
+
+
+def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: str, subtree: str) -> VerifyReply:
+    return msgspec.convert(engine.verify_tree(root, expected, reread, algo, subtree), VerifyReply)
 
 
 def _trusted(check: VerifyReply, expected: dict[str, list]) -> dict[str, list]:
@@ -469,9 +530,9 @@ def _trusted(check: VerifyReply, expected: dict[str, list]) -> dict[str, list]:
     return {p: [*stat, expected[p][1]] for p, stat in check.stats.items() if p in expected and expected[p][1]}
 
 
-def promote_local(root: Path, dataset: str, txid: str, wait: float) -> str:
+def promote_local(root: Path, dataset: str, txid: str, wait: float, subtree: str) -> str:
     try:
-        return engine.promote(str(root), dataset, txid, wait)["method"]
+        return engine.promote(str(root), dataset, txid, wait, subtree)["method"]
     except engine.AgentError as exc:
         if exc.kind == "locked":
             raise LockedError(exc.message, "wait for that USR writer to finish or pass --wait SECONDS") from None
