@@ -149,6 +149,38 @@ def test_scan_reports_undecodable_names(tmp_path: Path) -> None:
     assert entries[0][4:6] == ["badname", ""]  # never hashed, never transferred
 
 
+def test_scan_escapes_names_below_an_undecodable_or_newline_directory(tmp_path: Path) -> None:
+    write(tmp_path, {"records.parquet": b"p"})
+    for directory in (b"_derived/bad\xffdir", b"notes/line\nbreak"):
+        (tmp_path / os.fsdecode(directory)).mkdir(parents=True)
+        (tmp_path / os.fsdecode(directory) / "plain.txt").write_bytes(b"x")
+    assert [(rel, kind) for rel, kind, _ in engine.scan(str(tmp_path))] == [
+        ("_derived/bad\\xffdir/plain.txt", "badname"), ("notes/line\\nbreak/plain.txt", "badname"),
+        ("records.parquet", "file"),
+    ]
+
+
+@pytest.mark.parametrize("by_fd", [True, False])
+def test_scan_sections_agree_with_classify_by_fd_or_by_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           by_fd: bool) -> None:
+    """The walk fixes each file's section from its top-level name; classify() decides per path.
+    By path is how Python 3.6 walks (no scandir on a descriptor there)."""
+    write(tmp_path, {
+        "records.parquet": b"p", "meta.md": b"m", ".events.log": b"e\n", "top.txt": b"t",
+        "_derived/a/b/c.parquet": b"d", "_snapshots/s1/records.parquet": b"s", "_derivedX/x": b"x",
+        "notes/_derived/y": b"y", "_auxiliary/z": b"z", ".hidden/h": b"h", "records.parquet.d/q": b"q",
+    })
+    if not by_fd:
+        monkeypatch.setattr(engine, "_SCANDIR_FD", False)
+    items = engine.scan_sections(str(tmp_path))
+    assert [(rel, section) for rel, section, _, _ in items] == [(rel, engine.classify(rel)) for rel, _, _, _ in items]
+    assert [rel for rel, _, _, _ in items] == sorted(rel for rel, _, _, _ in items)
+    assert len(items) == 11
+    st = os.lstat(tmp_path / "_derived/a/b/c.parquet")
+    stats = {rel: fs for rel, _, _, fs in items}
+    assert stats["_derived/a/b/c.parquet"] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def test_scan_of_a_missing_dir_is_empty(tmp_path: Path) -> None:
     assert engine.scan(str(tmp_path / "missing")) == []
 
