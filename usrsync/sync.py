@@ -42,6 +42,9 @@ from usrsync.session import RemoteSession, VerifyReply
 
 log = structlog.get_logger("usrsync")
 Action = Literal["diff", "pull", "push"]
+# Files per rsync run. rsync holds its whole file list in memory on both ends, and we hold its
+# itemized output, so a huge delta (a first pull of millions of files) moves in bounded steps.
+RSYNC_BATCH_FILES = 100_000
 
 
 class SyncOptions(msgspec.Struct, kw_only=True):
@@ -352,12 +355,11 @@ class Run:
 
     # --- transfers --------------------------------------------------------------------------
 
-    def _files_from(self, plan: TransferPlan) -> Path:
+    def _files_from(self, staged: list[str]) -> Path:
         directory = self.root / engine.STATE_DIR / "tmp"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{engine.dataset_key(self.dataset)}.{self.txid}.files"
-        paths = files_with_parents([plan.staged(p) for p in plan.copy])  # relative to what rsync copies
-        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in paths))
+        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in files_with_parents(staged)))
         return path
 
     async def _rsync(self, plan: TransferPlan, source: str, dest: str, basis: str | None) -> None:
@@ -373,44 +375,53 @@ class Run:
             warning = rsync.security_warning(info)
             if warning and warning not in self.data.warnings:
                 self.data.warnings.append(warning)
-        files_from = self._files_from(plan)
-        try:
-            await transport.prepare_rsync()
-            argv = rsync.build_argv(local=local_info, remote=remote_info, source=source, dest=dest,
-                                    files_from=files_from, rsh=transport.rsync_rsh(),
-                                    rsync_path=transport.rsync_path(), basis_dir=basis)
-            moved = [0, 0]
+        staged = [plan.staged(p) for p in plan.copy]  # relative to what rsync copies
+        runs = -(-len(staged) // RSYNC_BATCH_FILES)
+        self.log.info("rsync", files=len(plan.copy), bytes=plan.bytes, runs=runs)
+        await transport.prepare_rsync()
+        moved = [0, 0]
 
-            def on_change(change: rsync.ItemizedChange) -> None:
-                if change.transferred:
-                    if not moved[0]:
-                        engine.checkpoint("mid-rsync")  # blocks rsync's output: it stalls mid-transfer
-                    moved[0] += 1
-                    moved[1] += change.size
-                    if self.hooks.transfer_progress:
-                        self.hooks.transfer_progress(moved[0], moved[1], plan.bytes)
+        def on_change(change: rsync.ItemizedChange) -> None:
+            if change.transferred:
+                if not moved[0]:
+                    engine.checkpoint("mid-rsync")  # blocks rsync's output: it stalls mid-transfer
+                moved[0] += 1
+                moved[1] += change.size
+                if self.hooks.transfer_progress:
+                    self.hooks.transfer_progress(moved[0], moved[1], plan.bytes)
 
-            self.log.info("rsync", files=len(plan.copy), bytes=plan.bytes)
-            result = await transport.run_rsync(argv, on_change=on_change)
-        finally:
-            files_from.unlink(missing_ok=True)
-        self.data.transfer.rsync_exit = result.exit_code
-        if result.exit_code != 0:
-            tail = result.stderr_tail.strip().splitlines()
-            hint = "nothing was promoted; rerun the same command (use -v for rsync's messages)"
-            # Only system ssh hands rsync the shell's output; the asyncssh relay drops it.
-            if self.data.remote.transport == "openssh" and "is your shell clean" in result.stderr_tail:
-                hint = ("nothing was promoted; the remote login shell prints text for non-interactive sessions, "
-                        'which breaks rsync over system ssh: set transport = "asyncssh" for remote '
-                        f"{self.remote.name!r}, or silence the shell's startup files (~/.bashrc, ~/.profile) "
-                        "for non-interactive sessions")
-            raise TransferError(
-                f"rsync failed with exit {result.exit_code} ({rsync.explain_exit(result.exit_code)})"
-                + (f": {tail[-1]}" if tail else ""),
-                hint,
-            )
-        self.data.transfer.files = result.files
-        self.data.transfer.bytes = result.bytes
+        files = nbytes = 0
+        for start in range(0, len(staged), RSYNC_BATCH_FILES):
+            files_from = self._files_from(staged[start:start + RSYNC_BATCH_FILES])
+            try:
+                argv = rsync.build_argv(local=local_info, remote=remote_info, source=source, dest=dest,
+                                        files_from=files_from, rsh=transport.rsync_rsh(),
+                                        rsync_path=transport.rsync_path(), basis_dir=basis)
+                result = await transport.run_rsync(argv, on_change=on_change)
+            finally:
+                files_from.unlink(missing_ok=True)
+            self.data.transfer.rsync_exit = result.exit_code
+            if result.exit_code != 0:
+                self._rsync_failed(result)
+            files += result.files
+            nbytes += result.bytes
+        self.data.transfer.files = files
+        self.data.transfer.bytes = nbytes
+
+    def _rsync_failed(self, result: rsync.RsyncResult) -> None:
+        tail = result.stderr_tail.strip().splitlines()
+        hint = "nothing was promoted; rerun the same command (use -v for rsync's messages)"
+        # Only system ssh hands rsync the shell's output; the asyncssh relay drops it.
+        if self.data.remote.transport == "openssh" and "is your shell clean" in result.stderr_tail:
+            hint = ("nothing was promoted; the remote login shell prints text for non-interactive sessions, "
+                    'which breaks rsync over system ssh: set transport = "asyncssh" for remote '
+                    f"{self.remote.name!r}, or silence the shell's startup files (~/.bashrc, ~/.profile) "
+                    "for non-interactive sessions")
+        raise TransferError(
+            f"rsync failed with exit {result.exit_code} ({rsync.explain_exit(result.exit_code)})"
+            + (f": {tail[-1]}" if tail else ""),
+            hint,
+        )
 
     def _check_verified(self, reply_problems: list, where: str) -> None:
         if reply_problems:
