@@ -21,7 +21,7 @@ import msgspec
 from usrsync import config
 from usrsync.errors import RemoteError, UsrError
 from usrsync.relay import RelayServer, broker_socket, relay_request
-from usrsync.transport.ssh import AGENT_COMMAND_PREFIX, CHANNEL_WINDOW, MAX_CHANNELS, SshTransport, deploy_prefix
+from usrsync.transport.ssh import AGENT_COMMAND_PREFIX, MAX_CHANNELS, SshTransport, deploy_prefix
 
 STATUS = "usrsync:status"
 STOP = "usrsync:stop"
@@ -83,8 +83,7 @@ async def serve(remote: config.Remote, idle_timeout: float, ready_fd: int) -> in
     transport = SshTransport(remote, use_broker=False)
     await transport.connect()  # prompts for MFA on the terminal we were started from
     assert transport.conn is not None
-    relay = RelayServer(lambda command: transport.exec(command, window=CHANNEL_WINDOW),
-                        allowed=allowed_command(remote), max_channels=MAX_CHANNELS - 1)
+    relay = RelayServer(transport.open_session, allowed=allowed_command(remote), max_channels=MAX_CHANNELS - 1)
     stopping = asyncio.Event()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     loop = asyncio.get_running_loop()

@@ -10,6 +10,8 @@ stdin bytes (half-close at EOF). Orchestrator -> shim: records of 1-byte type + 
 Standard library only: it starts once per rsync run.
 """
 
+import errno
+import fcntl
 import os
 import socket
 import struct
@@ -55,14 +57,78 @@ def _pump_stdin(sock):
             pass
 
 
-def _recv_exact(sock, n):
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(min(n - len(data), BUFSIZE))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
+def _recv_exact(sock, buf):
+    """Fill buf from the socket; False at EOF."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = sock.recv_into(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def _stdout_pipe():
+    """A pipe to splice stdout payloads through (socket -> pipe -> fd 1): the kernel moves the
+    pages, where recv and write would copy every byte twice. None where there is no splice."""
+    if not hasattr(os, "splice"):
+        return None
+    pipe = os.pipe()
+    try:
+        fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, BUFSIZE)
+    except (OSError, AttributeError):
+        pass  # the default size works, in smaller steps
+    return pipe
+
+
+def _splice_out(sock, pipe, length):
+    """Move `length` payload bytes to fd 1 through `pipe`: (bytes left for the copying loop, the
+    pipe, or None once fd 1 refuses splice, as a file opened for appending does)."""
+    r, w = pipe
+    while length:
+        n = os.splice(sock.fileno(), w, min(length, BUFSIZE))
+        if not n:
+            return length, pipe  # EOF: the copying loop reports it
+        length -= n
+        try:
+            while n:
+                n -= os.splice(r, 1, n)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            while n:  # what the pipe holds goes the ordinary way
+                data = os.read(r, n)
+                _write_all(1, data)
+                n -= len(data)
+            return length, None
+    return 0, pipe
+
+
+def _pump_records(sock):
+    """Copy record payloads to fds 1 and 2 through one reused buffer; return the exit status."""
+    buf = bytearray(BUFSIZE)
+    view = memoryview(buf)
+    header = bytearray(RECORD.size)
+    pipe = _stdout_pipe()
+    while True:
+        if not _recv_exact(sock, header):
+            sys.stderr.write("usrsync.rsh: the usrsync session went away\n")
+            return 255
+        kind, length = RECORD.unpack(header)
+        if kind == b"x":
+            status = bytearray(4)
+            return struct.unpack(">i", status)[0] if _recv_exact(sock, status) else 255
+        fd = {b"o": 1, b"e": 2}.get(kind)
+        if fd == 1 and pipe is not None:
+            length, pipe = _splice_out(sock, pipe, length)
+        while length:
+            n = sock.recv_into(view, min(length, BUFSIZE))
+            if not n:
+                return 255
+            if fd is not None:
+                _write_all(fd, view[:n])
+            length -= n
 
 
 def main(argv):
@@ -83,21 +149,7 @@ def main(argv):
     encoded = command.encode("utf-8", "surrogateescape")
     sock.sendall(struct.pack(">I", len(encoded)) + encoded)
     threading.Thread(target=_pump_stdin, args=(sock,), daemon=True).start()
-    while True:
-        header = _recv_exact(sock, RECORD.size)
-        if header is None:
-            sys.stderr.write("usrsync.rsh: the usrsync session went away\n")
-            return 255
-        kind, length = RECORD.unpack(header)
-        payload = _recv_exact(sock, length) if length else b""
-        if payload is None:
-            return 255
-        if kind == b"o":
-            _write_all(1, payload)
-        elif kind == b"e":
-            _write_all(2, payload)
-        elif kind == b"x":
-            return struct.unpack(">i", payload)[0]
+    return _pump_records(sock)
 
 
 def _write_all(fd, data):
