@@ -611,8 +611,8 @@ def dest_fs(path: Path, need: int, notes: list[str]) -> Iterator[Path]:
     with contextlib.suppress(OSError, StopIteration, ValueError):
         meminfo = Path("/proc/meminfo").read_text().splitlines()
         available = int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]) * 1024
-    # Room for one copy plus as much again: the asyncssh relay buffers up to ~60% of what it moves.
-    mounted = os.geteuid() == 0 and available > 2 * need + (2 << 30) and subprocess.run(
+    # Room for the copy plus the processes (the relay keeps at most ~2 channel windows per rsync).
+    mounted = os.geteuid() == 0 and available > need + (2 << 30) and subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={need + (1 << 30)},mode=0755", "tmpfs", str(path)],
         capture_output=True, check=False).returncode == 0
     if not mounted:
