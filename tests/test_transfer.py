@@ -212,6 +212,17 @@ def _agents(rig: SshRig) -> int:
     return sum("usrsync_agent.py" in cmd and " serve " in cmd for _, cmd in rig.user_processes())
 
 
+def _idle(pid: int) -> bool:
+    """No CPU time used by `pid` for 0.3 s (utime + stime from /proc)."""
+    def cpu() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    before = cpu()
+    time.sleep(0.3)
+    return cpu() == before
+
+
 def test_concurrent_pull_with_wait_runs_after_the_holder(sides: Sides, sshd_rig: SshRig, tmp_path: Path) -> None:
     sides.seed_remote()
     marker = tmp_path / "paused"
@@ -220,8 +231,10 @@ def test_concurrent_pull_with_wait_runs_after_the_holder(sides: Sides, sshd_rig:
     try:
         paused_pid(marker, first)
         second = sides.start("pull", "--wait", "60", "--audit-json-out", str(tmp_path / "second.json"))
-        # The local lock is taken before connecting: the second pull waits there, agentless.
-        time.sleep(1.0)
+        # The local lock is taken before connecting: the second pull waits there, agentless and
+        # idle (its CPU time stops growing once it has started up and sleeps between attempts).
+        wait_for(lambda: _idle(second.pid), "the second pull to wait for the lock")
+        time.sleep(0.6)
         assert second.poll() is None and _agents(sshd_rig) == 1
     finally:
         marker.unlink(missing_ok=True)
