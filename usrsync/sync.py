@@ -378,7 +378,7 @@ class Run:
         staged = [plan.staged(p) for p in plan.copy]  # relative to what rsync copies
         runs = -(-len(staged) // RSYNC_BATCH_FILES)
         self.log.info("rsync", files=len(plan.copy), bytes=plan.bytes, runs=runs)
-        await transport.prepare_rsync()
+        await transport.prepare_rsync()  # rsync_rsh() below names the relay this starts
         moved = [0, 0]
 
         def on_change(change: rsync.ItemizedChange) -> None:
