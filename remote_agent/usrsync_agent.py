@@ -857,6 +857,32 @@ def verify_tree(root, expected, reread, algo, subtree=""):
     return {"problems": problems, "checked": checked, "bytes": nbytes, "stats": stats}
 
 
+def remember_digests(root, algo, proven, cache_dir=None):
+    """Put digests a transfer just proved by rereading into the dataset's hash cache, so the next
+    scan need not read those files again. `proven`: {relpath: [inode, size, mtime_ns, digest]} as
+    seen when they were reread; a file whose inode, size or mtime no longer match, or that is racy,
+    is left out. Every other cache entry is kept."""
+    if not proven:
+        return
+    cache = HashCache(cache_dir or default_cache_dir(), root, algo)
+    cache.new = dict(cache.old)
+    racy_from = time.time() * 1e9 - RACY_WINDOW_NS
+    for rel, (ino, size, mtime_ns, digest) in proven.items():
+        try:
+            st = os.lstat(fs_path(root, rel))
+        except OSError:
+            continue
+        if S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime_ns) \
+                and mtime_ns < racy_from:
+            cache.put(rel, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), digest)
+    cache.save()
+
+
+def reread_digests(stats, expected, reread):
+    """remember_digests()'s `proven` from the stats of a verify_tree() without problems."""
+    return dict((rel, list(stats[rel]) + [expected[rel][1]]) for rel in reread if rel in stats)
+
+
 RENAME_EXCHANGE = 2
 SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347, "i686": 353}
 AT_FDCWD = -100
@@ -1360,7 +1386,13 @@ class Agent(object):
         else:
             root = subtree_dir(dataset_dir(args["base_dir"], args["dataset"]), subtree)
         checkpoint("before-verify")
-        return verify_tree(root, args["expected"], args.get("reread", []), args["algo"], subtree)
+        reread = args.get("reread", [])
+        result = verify_tree(root, args["expected"], reread, args["algo"], subtree)
+        remember = args.get("remember")
+        if remember is not None and not args.get("staging") and not result["problems"]:
+            remember.update(reread_digests(result["stats"], args["expected"], reread))
+            remember_digests(dataset_dir(args["base_dir"], args["dataset"]), args["algo"], remember)
+        return result
 
     def call_promote(self, args):
         return promote(args["base_dir"], args["dataset"], args["txid"], float(args.get("wait", 0)), args["subtree"])

@@ -457,6 +457,36 @@ def test_trusted_digest_of_a_settled_file_is_cached(tmp_path: Path) -> None:
     assert ds.cached()["_derived/a"] == ds.key("_derived/a") + [sha(b"derived-a")]
 
 
+def test_remembered_digests_are_cached_with_the_full_key_and_the_rest_kept(tmp_path: Path) -> None:
+    """A transfer's reread proves a file's digest; the next scan then takes it from the cache."""
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    write(ds.root, {"_derived/moved": b"moved bytes", "_derived/fresh": b"racy"})
+    write(ds.root, {"_derived/fresh": b"racy"}, mtime=None)
+    size, mtime_ns, _, ino = ds.key("_derived/moved")
+    fresh = ds.key("_derived/fresh")
+    engine.remember_digests(str(ds.root), "sha256", {
+        "_derived/moved": [ino, size, mtime_ns, FORGED],
+        "_derived/fresh": [fresh[3], fresh[0], fresh[1], FORGED],  # racy: never cached
+        "_derived/gone": [1, 2, 3, FORGED],
+    }, cache_dir=str(ds.cache_dir))
+    cached = ds.cached()
+    assert cached["_derived/moved"] == ds.key("_derived/moved") + [FORGED]
+    assert "_derived/fresh" not in cached and "_derived/gone" not in cached
+    assert cached["_derived/a"] == ds.key("_derived/a") + [sha(b"derived-a")]
+    assert ds.manifest()["_derived/moved"] == FORGED  # taken from the cache, not read
+
+
+@pytest.mark.parametrize("stale", ["inode", "size", "mtime"])
+def test_a_file_changed_since_its_reread_is_not_remembered(tmp_path: Path, stale: str) -> None:
+    ds = Dataset(tmp_path)
+    size, mtime_ns, _, ino = ds.key("_derived/a")
+    proven = {"inode": [ino + 1, size, mtime_ns], "size": [ino, size + 1, mtime_ns],
+              "mtime": [ino, size, mtime_ns - 1]}[stale]
+    engine.remember_digests(str(ds.root), "sha256", {"_derived/a": [*proven, FORGED]}, cache_dir=str(ds.cache_dir))
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
 # --- locks ----------------------------------------------------------------------------------
 
 

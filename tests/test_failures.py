@@ -158,6 +158,38 @@ def test_remote_changing_during_pull_is_not_promoted(sides: Sides, tmp_path: Pat
     assert audit[".events.log"] == {**audit[".events.log"], "local": 2, "remote": 3, "relation": "remote_ahead"}
 
 
+@pytest.mark.parametrize("where", ["outside", "inside"])
+@pytest.mark.parametrize("action", ["pull", "push"])
+def test_destination_written_during_the_transfer_is_not_overwritten(sides: Sides, tmp_path: Path, action: str,
+                                                                    where: str) -> None:
+    """Only `_derived/ns` is promoted. A write elsewhere on the destination, or a file replaced in
+    that directory after staging linked the old one, makes the run refuse before the exchange:
+    the exchange would silently drop the replacement, and in_sync could not hold."""
+    _source_ahead(sides, action, {"_derived/ns/part-0002.parquet": b"PAR1derived-2"})
+    dest, dest_side = (sides.local, "local") if action == "pull" else (sides.remote, "remote")
+    written = "notes/readme.txt" if where == "outside" else "_derived/ns/part-0001.parquet"
+    marker = tmp_path / "paused"
+    out = tmp_path / "failed.json"
+    proc = sides.start(action, "--audit-json-out", str(out), env=pause_env("after-rsync", marker))
+    try:
+        paused_pid(marker, proc)
+        replacement = dest / (written + ".new")
+        replacement.write_bytes(b"PAR1derived-X" if where == "inside" else b"edited by hand\n")
+        replacement.rename(dest / written)  # a new inode, as editors and writers do
+        sides.chown_remote()
+        dest_before = tree_state(dest)
+    finally:
+        code, err = _finish(proc, marker)
+
+    audit = _failed(out, code, err, "verification")
+    assert audit["error"]["message"] == f"the {dest_side} dataset changed during the transfer"
+    assert tree_state(dest) == dest_before  # the write survives, nothing was promoted
+    assert "_derived/ns/part-0002.parquet" not in dest_before
+    _no_staging_left(sides.root)
+    _no_staging_left(sides.base)
+    _rerun_succeeds(sides, action, tmp_path)
+
+
 # --- d) the connection dropped before promotion ---------------------------------------------------
 
 

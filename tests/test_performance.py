@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import REMOTE, local_sides
+from helpers import REMOTE, load_audit, local_sides
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,8 +26,9 @@ from remote_agent import usrsync_agent as engine
 from usrsync import compare as compare_mod
 from usrsync import config, manifest_copy
 from usrsync.compare import Policy, SectionDelta, compare
-from usrsync.dataset import SECTIONS, classify
-from usrsync.manifest import Entry, Manifest
+from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
+from usrsync.errors import ProtocolError
+from usrsync.manifest import Entry, Manifest, validate_remote_entries
 from usrsync.session import RemoteSession
 
 OLD = 1_700_000_000
@@ -175,6 +176,55 @@ def test_session_reuses_its_copy_and_survives_a_broken_one(tmp_path: Path) -> No
     assert manifest_copy.load(copy, manifest_copy.known_digest(copy) or "") == fourth.entries
 
 
+def test_changed_since_sends_nothing_while_the_digest_holds(tmp_path: Path) -> None:
+    sides = local_sides(tmp_path / "w")
+    sides.seed_remote({"records.parquet": b"PAR1", "_derived/ns/a": b"a"})
+
+    async def run() -> tuple[Manifest, Manifest | None, Manifest | None]:
+        remote = config.get_remote(config.load_remotes(sides.cfg), REMOTE, sides.cfg)
+        session = await RemoteSession.open(remote)
+        try:
+            before = await session.manifest("densegen/my_dataset", "sha256", jobs=2, use_cache=True)
+            same = await session.changed_since("densegen/my_dataset", before, jobs=2, use_cache=True)
+            write(sides.remote, {"_derived/ns/a": b"A"})
+            changed = await session.changed_since("densegen/my_dataset", before, jobs=2, use_cache=True)
+            return before, same, changed
+        finally:
+            await session.close()
+
+    before, same, changed = asyncio.run(run())
+    assert before.digest is not None and same is None
+    assert changed is not None and changed.digest != before.digest
+    assert changed.get("_derived/ns/a") == entry("_derived/ns/a", b"A")
+
+
+@pytest.mark.parametrize("action", ["pull", "push"])
+def test_after_a_transfer_every_destination_file_is_cached_under_its_current_key(tmp_path: Path,
+                                                                                 action: str) -> None:
+    """The next run reads nothing again: the moved file was reread on the way in, and staging's
+    hard links (which change a file's ctime, part of the key) are re-keyed by the rescan."""
+    sides = local_sides(tmp_path / "w")
+    source, dest = (sides.remote, sides.local) if action == "pull" else (sides.local, sides.remote)
+    files = {"records.parquet": b"PAR1", "meta.md": b"# m\n", "_derived/ns/part-0001.parquet": b"PAR1derived-1",
+             "_derived/ns/part-0003.parquet": b"PAR1derived-3", "notes/readme.txt": b"aux\n"}
+    write(source, files)  # settled (old mtimes): racy files are never cached
+    write(dest, files)
+    write(source, {"_derived/ns/part-0002.parquet": b"PAR1derived-2"})
+    out = tmp_path / "audit.json"
+    r = sides.run(action, "--audit-json-out", str(out))
+    assert r.returncode == 0, r.stderr
+    audit = load_audit(out)
+    assert (audit["transfer"]["files"], audit["transfer"]["subtree"]) == (1, "_derived/ns")
+    algo = audit["verify"]["hash_algo"]
+    cached = engine.HashCache(engine.default_cache_dir(), str(dest), algo).old
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert sorted(cached) == files
+    for rel in files:
+        st = os.lstat(dest / rel)
+        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        assert cached[rel] == (key, engine.hash_file(str(dest / rel), algo)[0]), rel
+
+
 # --- the hash cache is written back only when something changed --------------------------------
 
 
@@ -253,3 +303,37 @@ def test_same_paths_with_different_parquet_shapes_are_not_the_same() -> None:
     assert cmp.sections["primary"].differing == ["records.parquet"]
     cmp = compare(files, files, Policy(verify="parquet"), primary_shapes=([1, 2], [1, 2]))
     assert cmp.sections["primary"].same == ["records.parquet"]
+
+
+# --- validating a remote manifest: the per-directory fast path agrees with checking every path -----
+
+SAFE_NAMES = ["_derived", "_snapshots", "notes", "ns", "a", "b", "x~tmp~y", "records.parquet"]
+COMPONENTS = st.sampled_from(SAFE_NAMES * 6 + [".", "..", "", "~tmp~", ".rsync-partial", ".usrsync", ".usr.lock", "c\nd"])
+
+
+def every_path_checked(entries: list[Entry]) -> bool:
+    return all(unsafe_path_reason(e.path) is None and classify(e.path) == e.section for e in entries)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.lists(COMPONENTS, min_size=1, max_size=4).map("/".join),
+                          st.sampled_from(sorted(SECTIONS)), st.integers(0, 9)), max_size=12, unique_by=lambda t: t[0]))
+def test_fast_validation_accepts_exactly_what_checking_every_path_accepts(items: list) -> None:
+    # Mostly the section the path really has (manifests that pass), sometimes any other.
+    entries = [Entry(path=p, section=s if lie == 0 else classify(p) or s, size=1, mtime_ns=0, kind="file", digest="")
+               for p, s, lie in sorted(items)]
+    try:
+        validate_remote_entries(entries)
+        accepted = True
+    except ProtocolError:
+        accepted = False
+    assert accepted == every_path_checked(entries)
+
+
+def test_a_lying_section_deep_in_a_checked_directory_is_caught() -> None:
+    entries = [Entry(path=f"_derived/ns/part-{i:04d}", section="_derived", size=1, mtime_ns=0, kind="file", digest="")
+               for i in range(1000)]
+    validate_remote_entries(entries)
+    entries[700] = msgspec.structs.replace(entries[700], section="primary")
+    with pytest.raises(ProtocolError, match="in section 'primary'"):
+        validate_remote_entries(entries)

@@ -147,27 +147,37 @@ class RemoteSession:
         return {"base_dir": self.base.base_dir, "dataset": dataset, **extra}
 
     async def manifest(self, dataset: str, algo: str, *, jobs: int, use_cache: bool,
-                       hash_sections: set[str] | None = None, trusted: dict[str, list] | None = None,
-                       progress: HashProgress | None = None) -> Manifest:
+                       hash_sections: set[str] | None = None, progress: HashProgress | None = None) -> Manifest:
         copy = manifest_copy.copy_path(self.remote, self.base.base_dir, dataset, algo)
         known = manifest_copy.known_digest(copy) if use_cache else None
         args = self._args(dataset, algo=algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
-                          trusted=trusted, progress=progress is not None, known=known)
+                          progress=progress is not None, known=known)
         reply, entries = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
         if reply.unchanged and known is not None and reply.digest == known:
             saved = manifest_copy.load(copy, known)
             if saved is not None and len(saved) == reply.count:
-                return Manifest(exists=reply.exists, algo=algo, entries=saved)
+                return Manifest(exists=reply.exists, algo=algo, entries=saved, digest=known)
             # Our copy changed or broke since we read its digest: have the entries sent.
             args["known"] = None
             reply, entries = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
-        if reply.unchanged or reply.count != len(entries) or reply.algo != algo:
-            raise RemoteError("the remote manifest is incomplete", "rerun the command")
-        validate_remote_entries(entries)
+        manifest = _received(reply, entries, algo)
         if reply.digest is not None:
             await asyncio.to_thread(manifest_copy.save, copy, reply.digest, entries)
-        return Manifest(exists=reply.exists, algo=algo, entries=entries)
+        return manifest
+
+    async def changed_since(self, dataset: str, before: Manifest, *, jobs: int, use_cache: bool,
+                            hash_sections: set[str] | None = None,
+                            trusted: dict[str, list] | None = None) -> Manifest | None:
+        """The manifest now, or None when the agent's digest of it is still `before`'s: nothing
+        changed, and no entries cross the wire or need decoding. `trusted`: as build_manifest's."""
+        args = self._args(dataset, algo=before.algo, jobs=jobs, cache=use_cache,
+                          hash_sections=sorted(hash_sections) if hash_sections is not None else None,
+                          trusted=trusted, progress=False, known=before.digest)
+        reply, entries = await self.client.call("manifest", args, ManifestReply, Entry)
+        if reply.unchanged and before.digest is not None and reply.digest == before.digest:
+            return None
+        return _received(reply, entries, before.algo)
 
     async def events_lines(self, dataset: str) -> EventsLines:
         reply, digests = await self.client.call("events_lines", self._args(dataset), LinesReply, str)
@@ -203,10 +213,12 @@ class RemoteSession:
         return reply
 
     async def verify(self, dataset: str, txid: str, *, expected: dict[str, Any], reread: list[str], algo: str,
-                     staging: bool, subtree: str) -> VerifyReply:
-        """Check staging, or the live directory `subtree`, against `expected` (dataset-relative paths)."""
+                     staging: bool, subtree: str, remember: dict[str, list] | None = None) -> VerifyReply:
+        """Check staging, or the live directory `subtree`, against `expected` (dataset-relative paths).
+        `remember` (live only): digests to put in the agent's hash cache, as remember_digests() takes
+        them, along with those of the files it reread and found right."""
         args = self._args(dataset, txid=txid, expected=expected, reread=reread, algo=algo, staging=staging,
-                          subtree=subtree)
+                          subtree=subtree, remember=remember)
         reply, _ = await self.client.call("verify", args, VerifyReply)
         return reply
 
@@ -239,6 +251,14 @@ class RemoteSession:
 
     async def close(self) -> None:
         await self.transport.close()
+
+
+def _received(reply: ManifestReply, entries: list[Entry], algo: str) -> Manifest:
+    """The manifest the agent sent, refused unless it is complete and safe to act on."""
+    if reply.unchanged or reply.count != len(entries) or reply.algo != algo:
+        raise RemoteError("the remote manifest is incomplete", "rerun the command")
+    validate_remote_entries(entries)
+    return Manifest(exists=reply.exists, algo=algo, entries=entries, digest=reply.digest)
 
 
 async def _start_agent(transport: Transport, nonce: str, local: bool) -> tuple[Any, Any]:

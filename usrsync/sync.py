@@ -12,7 +12,7 @@ import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -22,9 +22,9 @@ import structlog
 
 from remote_agent import usrsync_agent as engine
 from usrsync import audit, rsync
-from usrsync.compare import Comparison, EventsLines, EventsState, Policy, compare, events_relation
+from usrsync.compare import EventsLines, EventsState, Policy, compare, events_relation
 from usrsync.config import Remote
-from usrsync.dataset import EVENTS, local_dataset_dir
+from usrsync.dataset import EVENTS, classify, local_dataset_dir
 from usrsync.errors import (
     EXIT_INTERRUPTED,
     InterruptedByUser,
@@ -35,7 +35,7 @@ from usrsync.errors import (
     VerificationError,
 )
 from usrsync.locks import acquire_local_lock
-from usrsync.manifest import HashProgress, Manifest, local_manifest
+from usrsync.manifest import KIND_FILE, HashProgress, Manifest, local_manifest
 from usrsync.manifest import cached_algo as manifest_cached_algo
 from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
 from usrsync.session import RemoteSession, VerifyReply
@@ -222,9 +222,9 @@ class Run:
                                     "rerun with -y to skip the question")
         started = time.monotonic()
         if self.action == "pull":
-            await self._pull(plan, cmp, policy, remote)
+            await self._pull(plan, policy, local, remote)
         else:
-            await self._push(plan, cmp, policy, local)
+            await self._push(plan, policy, local, remote)
         self.data.transfer.seconds = round(time.monotonic() - started, 3)
         self.data.transfer_state = "TRANSFERRED"
         return 0
@@ -279,8 +279,8 @@ class Run:
         hook = self.hooks.hash_progress
         return functools.partial(hook, side) if hook else None
 
-    async def _local_manifest(self, policy: Policy, trusted: dict[str, list] | None = None, *,
-                              algo: str | None = None, cancelled: threading.Event | None = None,
+    async def _local_manifest(self, policy: Policy, *, algo: str | None = None,
+                              trusted: dict[str, list] | None = None, cancelled: threading.Event | None = None,
                               progress: bool = True) -> Manifest:
         return await asyncio.to_thread(
             local_manifest, self.local_dir, algo or self.algo, jobs=self.options.jobs,
@@ -317,11 +317,11 @@ class Run:
         await self._drop_speculation()
         return await self._local_manifest(policy)
 
-    async def _remote_manifest(self, policy: Policy, trusted: dict[str, list] | None = None) -> Manifest:
+    async def _remote_manifest(self, policy: Policy) -> Manifest:
         assert self.session is not None
         return await self.session.manifest(self.dataset, self.algo, jobs=self.options.jobs,
                                            use_cache=self.options.use_cache, hash_sections=policy.hashed_sections(),
-                                           trusted=trusted, progress=self._hash_progress("remote"))
+                                           progress=self._hash_progress("remote"))
 
     async def _manifests(self, policy: Policy) -> tuple[Manifest, Manifest]:
         started = time.monotonic()
@@ -430,14 +430,48 @@ class Run:
             raise VerificationError(f"{where} does not match the source manifest: {shown}{more}",
                                     "nothing was promoted; rerun the same command")
 
-    async def _source_unchanged(self, policy: Policy, before: Manifest, side: str) -> None:
-        """The source must not have changed while we copied it, or staging is a torn snapshot."""
-        after = await (self._remote_manifest(policy) if side == "remote" else self._local_manifest(policy))
-        if _in_scope_files(after, policy) != _in_scope_files(before, policy):
-            raise VerificationError(f"the {side} dataset changed during the transfer",
-                                    "nothing was promoted; rerun when the writer on that side has finished")
+    async def _changed_since(self, policy: Policy, side: str, before: Manifest,
+                             trusted: dict[str, list] | None = None) -> Manifest | None:
+        """`side`'s manifest now, or None when the agent proved it unchanged by digest."""
+        if side == "local":
+            return await self._local_manifest(policy, trusted=trusted, progress=False)
+        assert self.session is not None
+        return await self.session.changed_since(self.dataset, before, jobs=self.options.jobs,
+                                                use_cache=self.options.use_cache,
+                                                hash_sections=policy.hashed_sections(), trusted=trusted)
 
-    async def _pull(self, plan: TransferPlan, cmp: Comparison, policy: Policy, remote: Manifest) -> None:
+    async def _check_before_promotion(self, policy: Policy, plan: TransferPlan, verifying: Awaitable[VerifyReply],
+                                      where: str, source: tuple[str, Manifest],
+                                      dest: tuple[str, Manifest]) -> tuple[VerifyReply, dict[str, list]]:
+        """Verify the staged copy and scan both sides again, then refuse to promote when any of it
+        fails: a source that changed while we copied it may have given a torn snapshot, and a
+        destination write since its manifest would be lost in the exchange or left unaccounted for.
+        The source is scanned while the destination side verifies, then scans itself.
+        Returns the verification and the digests of the files staging linked (`linked_digests`)."""
+        (source_side, source_before), (dest_side, dest_before) = source, dest
+        linked: dict[str, list] = {}
+
+        async def verified_then_rescanned() -> tuple[VerifyReply, Manifest | None]:
+            result = await verifying
+            # Staging linked these files, which changed their ctime and so their hash cache key.
+            if not result.problems:
+                linked.update(linked_digests(plan, result, dest_before))
+            return result, await self._changed_since(policy, dest_side, dest_before, linked)
+
+        (result, dest_now), source_now = await asyncio.gather(
+            verified_then_rescanned(), self._changed_since(policy, source_side, source_before))
+        # A source changed under rsync also fails verification: name that cause first.
+        if source_now is not None and files_of(source_now, policy) != files_of(source_before, policy):
+            raise VerificationError(f"the {source_side} dataset changed during the transfer",
+                                    "nothing was promoted; rerun when the writer on that side has finished")
+        self._check_verified(result.problems, where)
+        if dest_now is not None and files_of(dest_now) != files_of(dest_before):
+            raise VerificationError(f"the {dest_side} dataset changed during the transfer",
+                                    "nothing was promoted; rerun when the writer on that side has finished")
+        engine.checkpoint("after-verify")
+        return result, linked
+
+    async def _pull(self, plan: TransferPlan, policy: Policy, local: Manifest, remote: Manifest) -> None:
         assert self.session is not None
         root = str(self.root)
         staged = await asyncio.to_thread(engine.stage, root, self.dataset, self.txid, plan.link, plan.subtree)
@@ -452,26 +486,24 @@ class Run:
                 await self._rsync(plan, self.session.transport.rsync_endpoint(source + "/"), staging + "/", basis)
             engine.checkpoint("after-rsync")
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
-            result = await asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree)
-            # A source changed under rsync also fails verification: name that cause first.
-            await self._source_unchanged(policy, remote, "remote")
-            self._check_verified(result.problems, "the staged copy")
-            engine.checkpoint("after-verify")
+            result, linked = await self._check_before_promotion(
+                policy, plan, asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree),
+                "the staged copy", ("remote", remote), ("local", local))
             method = await asyncio.to_thread(promote_local, self.root, self.dataset, self.txid, self.options.wait,
                                              plan.subtree)
             promoted = True
             self.data.transfer.promote = method
             self.log.info("promoted", method=method, subtree=plan.subtree)
-            # The promoted directory holds exactly the staged files; the manifest of the whole
-            # dataset then proves that all of it equals the source.
             check = await asyncio.to_thread(verify_local, str(live), expected, [], self.algo, plan.subtree)
-            post = await self._local_manifest(policy, _trusted(check, expected))
-            self._post(policy, post, remote, result, check.problems)
+            self._post(policy, plan, local, remote, result, check.problems)
+            if self.options.use_cache:  # the staged inodes are live now: the next scan need not read them
+                await asyncio.to_thread(engine.remember_digests, str(self.local_dir), self.algo,
+                                        {**linked, **engine.reread_digests(result.stats, expected, plan.reread)})
         finally:
             if not promoted:
                 await asyncio.to_thread(engine.remove_tree, staging)
 
-    async def _push(self, plan: TransferPlan, cmp: Comparison, policy: Policy, local: Manifest) -> None:
+    async def _push(self, plan: TransferPlan, policy: Policy, local: Manifest, remote: Manifest) -> None:
         session = self.session
         assert session is not None
         staged = await session.stage(self.dataset, self.txid, plan.link, plan.subtree)
@@ -482,23 +514,22 @@ class Run:
                 live = below(session.dataset_path(self.dataset), plan.subtree)
                 await self._rsync(plan, str(self.local_dir / plan.subtree) + "/",
                                   session.transport.rsync_endpoint(staged.staging + "/"),
-                                  live if cmp.remote_exists else None)
+                                  live if remote.exists else None)
             engine.checkpoint("after-rsync")
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
-            result = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
-                                          algo=self.algo, staging=True, subtree=plan.subtree)
-            await self._source_unchanged(policy, local, "local")
-            self._check_verified(result.problems, "the remote staged copy")
+            _, linked = await self._check_before_promotion(
+                policy, plan, session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
+                                       algo=self.algo, staging=True, subtree=plan.subtree),
+                "the remote staged copy", ("local", local), ("remote", remote))
             method = await session.promote(self.dataset, self.txid, wait=self.options.wait, subtree=plan.subtree)
             promoted = True
             self.data.transfer.promote = method
             self.log.info("promoted", method=method, subtree=plan.subtree)
-            # Re-verify the promoted live directory (reread what moved, check every path and size);
-            # the manifest of the whole dataset then proves that all of it equals the source.
+            # Re-verify the promoted live directory: reread what moved, check every path and size.
             check = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
-                                         algo=self.algo, staging=False, subtree=plan.subtree)
-            post = await self._remote_manifest(policy, _trusted(check, expected))
-            self._post(policy, post, local, check, check.problems)
+                                         algo=self.algo, staging=False, subtree=plan.subtree,
+                                         remember=linked if self.options.use_cache else None)
+            self._post(policy, plan, remote, local, check, check.problems)
         finally:
             if not promoted:
                 try:
@@ -506,9 +537,9 @@ class Run:
                 except (UsrError, asyncssh.Error, OSError, asyncio.IncompleteReadError):
                     pass  # the next run's recover() removes it
 
-    def _post(self, policy: Policy, dest_after: Manifest, source: Manifest, reread: VerifyReply,
-              live_problems: list) -> None:
-        in_sync = _in_scope_files(dest_after, policy) == _in_scope_files(source, policy) and not live_problems
+    def _post(self, policy: Policy, plan: TransferPlan, dest_before: Manifest, source: Manifest,
+              reread: VerifyReply, live_problems: list) -> None:
+        in_sync = not live_problems and files_after_promotion(dest_before, plan, policy) == files_of(source, policy)
         self.data.post = audit.PostReport(verified=not live_problems, in_sync=in_sync, checked_files=reread.checked,
                                           checked_bytes=reread.bytes,
                                           problems=[f"{p}: {why}" for p, why in live_problems])
@@ -517,8 +548,33 @@ class Run:
                                     "rerun the same command; if it persists, something else writes there")
 
 
-def _in_scope_files(manifest: Manifest, policy: Policy) -> set[tuple[str, int, str]]:
-    return {(e.path, e.size, e.digest) for e in manifest.files() if policy.in_scope(e.section)}
+def files_of(manifest: Manifest, policy: Policy | None = None) -> list[tuple[str, int, str]]:
+    """(path, size, digest) of a manifest's files in path order; those in `policy`'s scope when given."""
+    return [(e.path, e.size, e.digest) for e in manifest.entries
+            if e.kind == KIND_FILE and (policy is None or policy.in_scope(e.section))]
+
+
+def files_after_promotion(dest_before: Manifest, plan: TransferPlan, policy: Policy) -> list[tuple[str, int, str]]:
+    """The destination's in-scope files once `plan` is promoted and its directory checked: outside
+    the subtree as its manifest showed them (rescanned right before the exchange, which touches
+    nothing else), below it exactly `plan.expected`."""
+    prefix = plan.subtree + "/" if plan.subtree else ""
+    kept = [f for f in files_of(dest_before, policy) if prefix and not f[0].startswith(prefix)]
+    promoted = [(p, t.size, t.digest) for p, t in plan.expected.items() if policy.in_scope(classify(p))]
+    return sorted(kept + promoted)
+
+
+def linked_digests(plan: TransferPlan, staged: VerifyReply, dest_before: Manifest) -> dict[str, list]:
+    """build_manifest's `trusted` for the files staging hard-linked: each one's digest from the
+    manifest that planned the link, while its inode (as staged) still has that size and mtime."""
+    prefix = plan.subtree + "/" if plan.subtree else ""
+    before = {e.path: e for e in dest_before.entries if e.path.startswith(prefix)}
+    trusted = {}
+    for path in plan.link:
+        entry, stat = before.get(path), staged.stats.get(path)
+        if entry is not None and stat is not None and entry.digest and stat[1:] == (entry.size, entry.mtime_ns):
+            trusted[path] = [stat[0], entry.size, entry.mtime_ns, entry.digest]
+    return trusted
 
 
 def files_with_parents(paths: list[str]) -> list[str]:
@@ -534,11 +590,6 @@ def below(path: str, subtree: str) -> str:
 
 def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: str, subtree: str) -> VerifyReply:
     return msgspec.convert(engine.verify_tree(root, expected, reread, algo, subtree), VerifyReply)
-
-
-def _trusted(check: VerifyReply, expected: dict[str, list]) -> dict[str, list]:
-    """Digests just proven for these files: the post-run manifest need not reread them."""
-    return {p: [*stat, expected[p][1]] for p, stat in check.stats.items() if p in expected and expected[p][1]}
 
 
 def promote_local(root: Path, dataset: str, txid: str, wait: float, subtree: str) -> str:
