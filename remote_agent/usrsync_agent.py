@@ -41,6 +41,7 @@ READ_CHUNK = 1 << 20
 MAX_FRAME = 64 << 20  # compressed bytes on the wire
 MAX_FRAME_RAW = 256 << 20  # after decompression
 CHUNK_ENTRIES = 5000
+CHUNK_SPLIT = 1024  # a manifest chunk holds ~1000 entries on average: see manifest_chunks()
 RACY_WINDOW_NS = 2 * 10**9  # git's racy-clean rule
 BREAK_GUARD_STALE = 30  # seconds after which a lock breaker's guard file is itself stale
 CACHE_FORMAT = 2  # 1: JSON
@@ -512,6 +513,19 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     if cache is not None:
         cache.save()
     return entries
+
+
+def manifest_chunks(entries):
+    """Sorted entries cut where a path's CRC-32 is a multiple of CHUNK_SPLIT (or at CHUNK_ENTRIES):
+    the cuts depend on the paths alone, so a changed, added or removed file changes one chunk."""
+    start = 0
+    for i, entry in enumerate(entries):
+        if zlib.crc32(entry[0].encode("utf-8", "surrogateescape")) % CHUNK_SPLIT == 0 \
+                or i + 1 - start >= CHUNK_ENTRIES:
+            yield entries[start:i + 1]
+            start = i + 1
+    if start < len(entries):
+        yield entries[start:]
 
 
 # --- locks ---------------------------------------------------------------------------
@@ -1325,21 +1339,32 @@ class Agent(object):
                 progress_start=report.start if report else None,
             )
         reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
+        chunks = list(manifest_chunks(entries)) if "known" in args else \
+            [entries[i:i + CHUNK_ENTRIES] for i in range(0, len(entries), CHUNK_ENTRIES)]
+        known_chunks = ()
         if "known" in args:
-            # The orchestrator keeps the last manifest we sent and tells us its digest: when ours
-            # is the same, a no-op run sends a digest instead of every entry. marshal format 2
+            # The orchestrator keeps the last manifest we sent, in chunks whose ends depend only on
+            # paths, and tells us its digests: a no-op run sends a digest instead of every entry,
+            # and a run with a few changes sends only the chunks holding them. marshal format 2
             # (no back-references) is deterministic and half the cost of JSON-encoding for this.
             digest = hashlib.sha256(marshal.dumps([exists, args["algo"], root], 2))
-            for i in range(0, len(entries), CHUNK_ENTRIES):
-                digest.update(marshal.dumps(entries[i:i + CHUNK_ENTRIES], 2))
+            layout = []
+            for chunk in chunks:
+                blob = marshal.dumps(chunk, 2)
+                digest.update(blob)
+                layout.append([hashlib.sha256(blob).hexdigest()[:32], len(chunk)])
             reply["digest"] = digest.hexdigest()
             reply["unchanged"] = args["known"] == reply["digest"]
             if reply["unchanged"]:
                 return reply
+            reply["chunks"] = layout
+            known_chunks = set(args.get("known_chunks") or ())
         head = '{"id":%s,"type":"chunk","items":' % json.dumps(rid)
-        for i in range(0, len(entries), CHUNK_ENTRIES):
-            chunk = json.dumps(entries[i:i + CHUNK_ENTRIES], separators=(",", ":"))
-            self.send_body((head + chunk + "}").encode("utf-8"), compress=True)
+        for i, chunk in enumerate(chunks):
+            if known_chunks and reply["chunks"][i][0] in known_chunks:
+                continue
+            items = json.dumps(chunk, separators=(",", ":"))
+            self.send_body((head + items + "}").encode("utf-8"), compress=True)
         return reply
 
     def call_events_lines(self, args, rid):

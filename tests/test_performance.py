@@ -8,7 +8,6 @@ import asyncio
 import ctypes
 import hashlib
 import io
-import json
 import marshal
 import mmap
 import operator
@@ -25,9 +24,10 @@ from hypothesis import strategies as st
 from remote_agent import usrsync_agent as engine
 from usrsync import compare as compare_mod
 from usrsync import config, manifest_copy
+from usrsync import session as session_mod
 from usrsync.compare import Policy, SectionDelta, compare
 from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
-from usrsync.errors import ProtocolError
+from usrsync.errors import ProtocolError, RemoteError
 from usrsync.manifest import Entry, Manifest, validate_remote_entries
 from usrsync.session import RemoteSession
 
@@ -57,36 +57,40 @@ def entry(path: str, data: bytes, mtime_ns: int = OLD * 10**9) -> Entry:
 DIGEST = "ab" * 32
 
 
+LAYOUT = [("0" * 32, 1), ("1" * 32, 1)]
+
+
 def test_copy_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "copy.msgpack"
     entries = [entry("_derived/a", b"a"), entry("records.parquet", b"PAR1")]
-    manifest_copy.save(path, DIGEST, entries)
-    assert manifest_copy.known_digest(path) == DIGEST
+    manifest_copy.save(path, DIGEST, LAYOUT, entries)
+    assert manifest_copy.read_head(path) == manifest_copy.Head(digest=DIGEST, chunks=LAYOUT)
     assert manifest_copy.load(path, DIGEST) == entries
     assert manifest_copy.load(path, "cd" * 32) is None  # another digest: not this copy
 
 
-@pytest.mark.parametrize("content", [b"", b"ab" * 32, b"zz" * 32 + b"\n", b"\xff" * 65, b"ab" * 32 + b"\r"])
-def test_copy_without_a_valid_header_has_no_digest(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize("content", [b"", b"ab" * 32, b"zz" * 32 + b"\n[]\n", b"\xff" * 65, b"ab" * 32 + b"\r",
+                                     b"ab" * 32 + b"\n", b"ab" * 32 + b"\n[]", b"ab" * 32 + b"\n[[1,2]]\n"])
+def test_copy_without_a_valid_head_has_none(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "copy.msgpack"
     path.write_bytes(content)
-    assert manifest_copy.known_digest(path) is None
-    assert manifest_copy.known_digest(tmp_path / "missing") is None
+    assert manifest_copy.read_head(path) is None
+    assert manifest_copy.read_head(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize("body", [b"", b"\xc1", msgspec.msgpack.encode([["x"]]), msgspec.msgpack.encode({"a": 1})])
 def test_corrupt_copy_is_not_loaded(tmp_path: Path, body: bytes) -> None:
     path = tmp_path / "copy.msgpack"
-    path.write_bytes(DIGEST.encode() + b"\n" + body)
-    assert manifest_copy.known_digest(path) == DIGEST
+    path.write_bytes(DIGEST.encode() + b"\n[]\n" + body)
+    assert manifest_copy.read_head(path) == manifest_copy.Head(digest=DIGEST, chunks=[])
     assert manifest_copy.load(path, DIGEST) is None
 
 
 def test_copy_save_never_fails(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache dir should be")
-    manifest_copy.save(blocker / "sub" / "copy.msgpack", DIGEST, [entry("a", b"a")])  # no exception
-    manifest_copy.save(tmp_path / "short", "abc", [entry("a", b"a")])  # not a digest: nothing written
+    manifest_copy.save(blocker / "sub" / "copy.msgpack", DIGEST, [], [entry("a", b"a")])  # no exception
+    manifest_copy.save(tmp_path / "short", "abc", [], [entry("a", b"a")])  # not a digest: nothing written
     assert not (tmp_path / "short").exists()
 
 
@@ -130,6 +134,67 @@ def test_agent_skips_the_entries_only_when_the_known_digest_matches(tmp_path: Pa
     assert items[0][5] == sha(b"b")
 
 
+def test_agent_sends_only_the_chunks_the_copy_lacks(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    write(base / "ds", {f"_derived/ns/part-{i:05d}": b"%d" % i for i in range(4000)} | {"records.parquet": b"PAR1"})
+    first, everything = manifest_call(base, known=None)
+    layout = first["chunks"]
+    assert len(layout) > 2 and sum(n for _, n in layout) == len(everything) == first["count"]
+
+    write(base / "ds", {"_derived/ns/part-02500": b"changed"})
+    known = [digest for digest, _ in layout]
+    again, items = manifest_call(base, known=first["digest"], known_chunks=known)
+    new = [(digest, n) for digest, n in again["chunks"] if digest not in known]
+    assert len(new) == 1 and len(items) == new[0][1] < 1500
+    assert ["_derived/ns/part-02500", "_derived", 7] == items[[i[0] for i in items].index("_derived/ns/part-02500")][:3]
+    assert [n for _, n in again["chunks"]] == [n for _, n in layout]  # same cuts: they depend on paths only
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.text("ab/c", min_size=1, max_size=12), min_size=1, max_size=300), st.text("ab/c", min_size=1, max_size=12))
+def test_adding_a_path_changes_at_most_the_chunk_it_lands_in(paths: set, added: str) -> None:
+    def chunks(names: set) -> set:
+        return {tuple(map(tuple, c)) for c in engine.manifest_chunks([[n] for n in sorted(names)])}
+
+    before, after = chunks(paths), chunks(paths | {added})
+    assert len(before - after) <= 1 and len(after - before) <= 2
+
+
+def _reply(chunks: list, count: int) -> Any:
+    return msgspec.convert({"exists": True, "count": count, "algo": "sha256", "root": "/r", "digest": "d" * 64,
+                            "chunks": chunks}, session_mod.ManifestReply)
+
+
+def test_assembly_takes_known_chunks_from_the_copy_and_checks_the_rest() -> None:
+    a, b, c = entry("_derived/a", b"a"), entry("_derived/b", b"b"), entry("records.parquet", b"P")
+    head = manifest_copy.Head(digest="d" * 64, chunks=[("x" * 32, 2), ("y" * 32, 1)])
+    saved = [a, b, c]
+    assert session_mod._assemble(_reply([("x" * 32, 2), ("z" * 32, 1)], 3), [c], head, saved) == [a, b, c]
+    # A known chunk the copy cannot supply (gone, or a different count): resend everything.
+    assert session_mod._assemble(_reply([("x" * 32, 2)], 2), [], head, None) is None
+    assert session_mod._assemble(_reply([("x" * 32, 1)], 1), [], head, saved) is None
+    # Known chunks put out of order, and chunks the agent claims but did not send, are refused.
+    with pytest.raises(ProtocolError, match="unsorted"):
+        session_mod._assemble(_reply([("y" * 32, 1), ("x" * 32, 2)], 3), [], head, saved)
+    with pytest.raises(RemoteError, match="incomplete"):
+        session_mod._assemble(_reply([("x" * 32, 2), ("z" * 32, 2)], 4), [c], head, saved)
+    with pytest.raises(ProtocolError, match="unsafe path"):
+        session_mod._assemble(_reply([("z" * 32, 1)], 1), [entry("../x", b"x")], head, saved)
+
+
+def test_session_after_a_change_holds_the_same_entries_as_a_full_send(tmp_path: Path) -> None:
+    sides = local_sides(tmp_path / "w")
+    sides.seed_remote({f"_derived/ns/part-{i:05d}": b"%d" % i for i in range(4000)} | {"records.parquet": b"PAR1"})
+    session_manifest(sides.cfg)
+    write(sides.remote, {"_derived/ns/part-00007": b"changed", "_derived/ns/part-03999b": b"added"})
+    (sides.remote / "_derived/ns/part-02000").unlink()
+    delta, copy = session_manifest(sides.cfg)
+    copy.unlink()
+    full, _ = session_manifest(sides.cfg)
+    assert delta.entries == full.entries and delta.digest == full.digest
+    assert delta.get("_derived/ns/part-00007") == entry("_derived/ns/part-00007", b"changed")
+
+
 def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
     write(tmp_path / "base" / "ds", {"records.parquet": b"PAR1"})
     result, items = manifest_call(tmp_path / "base")
@@ -164,16 +229,18 @@ def test_session_reuses_its_copy_and_survives_a_broken_one(tmp_path: Path) -> No
     assert second == first
     assert (copy.stat().st_ino, copy.stat().st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)  # not rewritten
 
-    # Same header, garbage body: the agent says "unchanged", we cannot load it, so it resends.
-    copy.write_bytes(copy.read_bytes()[:65] + b"\xc1garbage")
+    # Same head, garbage body: the agent says "unchanged", we cannot load it, so it resends.
+    data = copy.read_bytes()
+    copy.write_bytes(data[:data.index(b"\n", 65) + 1] + b"\xc1garbage")
     third, _ = session_manifest(sides.cfg)
     assert third == first
-    assert manifest_copy.load(copy, manifest_copy.known_digest(copy) or "") == first.entries
+    assert manifest_copy.load(copy, first.digest or "") == first.entries
 
     write(sides.remote, {"notes.txt": b"changed"})
     fourth, _ = session_manifest(sides.cfg)
     assert fourth.get("notes.txt") == entry("notes.txt", b"changed")
-    assert manifest_copy.load(copy, manifest_copy.known_digest(copy) or "") == fourth.entries
+    head = manifest_copy.read_head(copy)
+    assert head is not None and manifest_copy.load(copy, head.digest) == fourth.entries
 
 
 def test_changed_since_sends_nothing_while_the_digest_holds(tmp_path: Path) -> None:

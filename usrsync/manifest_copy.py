@@ -2,11 +2,14 @@
 
 The agent digests the manifest it is about to send; when that equals the digest of our copy it
 answers "unchanged" and sends no entries. A no-op run then moves a few bytes instead of the
-whole manifest, and skips decoding and validating it. The copy is only a transport shortcut:
-the agent still scans (and hashes by its cache rules) every time, and a missing, corrupt or
-foreign copy just means the entries are sent again.
+whole manifest, and skips decoding and validating it. Otherwise it sends only the chunks our
+copy lacks (chunks end where the paths say: `usrsync_agent.manifest_chunks`), and the rest is
+taken from the copy. The copy is only a transport shortcut: the agent still scans (and hashes
+by its cache rules) every time, and a missing, corrupt or foreign copy just means the entries
+are sent again.
 
-File: the 64-hex digest, a newline, then the entries as msgpack.
+File: the 64-hex digest, a newline, the chunk layout as JSON ([[chunk digest, entries], ...]),
+a newline, then the entries as msgpack.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from usrsync.config import Remote
 from usrsync.manifest import Entry
 
 _DIGEST_LEN = 64
+_MAX_LAYOUT_LINE = 64 << 20  # ~40 bytes per chunk of ~1000 entries: far beyond any real dataset
 _decoder = msgspec.msgpack.Decoder(list[Entry])
+_layout_decoder = msgspec.json.Decoder(list[tuple[str, int]])
+
+
+class Head(msgspec.Struct, frozen=True):
+    """What a copy says about itself without decoding its entries."""
+
+    digest: str
+    chunks: list[tuple[str, int]]  # the agent's chunk digests and entry counts, in order
 
 
 def copy_path(remote: Remote, base_dir: str, dataset: str, algo: str) -> Path:
@@ -32,17 +44,23 @@ def copy_path(remote: Remote, base_dir: str, dataset: str, algo: str) -> Path:
     return Path(engine.default_cache_dir()) / "remote-manifests" / (hashlib.sha256(key).hexdigest()[:32] + ".msgpack")
 
 
-def known_digest(path: Path) -> str | None:
-    """The digest our copy was sent with, read without decoding the entries."""
+def read_head(path: Path) -> Head | None:
+    """Our copy's digest and chunk layout, or None when there is no readable copy."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(_DIGEST_LEN + 1)
+            first = handle.read(_DIGEST_LEN + 1)
+            layout = handle.readline(_MAX_LAYOUT_LINE)
     except OSError:
         return None
-    if len(head) != _DIGEST_LEN + 1 or head[-1:] != b"\n":
+    if len(first) != _DIGEST_LEN + 1 or first[-1:] != b"\n" or not layout.endswith(b"\n"):
         return None
-    digest = head[:-1].decode("ascii", "replace")
-    return digest if all(c in "0123456789abcdef" for c in digest) else None
+    digest = first[:-1].decode("ascii", "replace")
+    if not all(c in "0123456789abcdef" for c in digest):
+        return None
+    try:
+        return Head(digest=digest, chunks=_layout_decoder.decode(layout))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def load(path: Path, digest: str) -> list[Entry] | None:
@@ -53,13 +71,16 @@ def load(path: Path, digest: str) -> list[Entry] | None:
         return None
     if data[:_DIGEST_LEN + 1] != digest.encode("ascii") + b"\n":
         return None
+    body = data.find(b"\n", _DIGEST_LEN + 1) + 1
+    if body == 0:
+        return None
     try:
-        return _decoder.decode(memoryview(data)[_DIGEST_LEN + 1:])
+        return _decoder.decode(memoryview(data)[body:])
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 
 
-def save(path: Path, digest: str, entries: list[Entry]) -> None:
+def save(path: Path, digest: str, chunks: list[tuple[str, int]], entries: list[Entry]) -> None:
     """Replace the copy atomically; a cache must never fail a run, so errors are ignored."""
     if len(digest) != _DIGEST_LEN:
         return
@@ -68,6 +89,7 @@ def save(path: Path, digest: str, entries: list[Entry]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             handle.write(digest.encode("ascii") + b"\n")
+            handle.write(msgspec.json.encode(chunks) + b"\n")
             handle.write(msgspec.msgpack.encode(entries))
         os.replace(tmp, path)
     except (OSError, UnicodeEncodeError):

@@ -12,7 +12,7 @@ import msgspec
 from usrsync import manifest_copy
 from usrsync.compare import EventsLines
 from usrsync.config import Remote
-from usrsync.errors import ConfigError, LockedError, RemoteError
+from usrsync.errors import ConfigError, LockedError, ProtocolError, RemoteError
 from usrsync.manifest import Entry, HashProgress, Manifest, validate_remote_entries
 from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
 from usrsync.transport import transport_for
@@ -52,6 +52,7 @@ class ManifestReply(msgspec.Struct):
     root: str
     digest: str | None = None  # of the entries as sent (see usrsync.manifest_copy)
     unchanged: bool = False  # the entries equal our copy with the digest we sent: none were sent
+    chunks: list[tuple[str, int]] | None = None  # (digest, entries) per chunk; known ones not sent
 
 
 class LinesReply(msgspec.Struct):
@@ -149,21 +150,29 @@ class RemoteSession:
     async def manifest(self, dataset: str, algo: str, *, jobs: int, use_cache: bool,
                        hash_sections: set[str] | None = None, progress: HashProgress | None = None) -> Manifest:
         copy = manifest_copy.copy_path(self.remote, self.base.base_dir, dataset, algo)
-        known = manifest_copy.known_digest(copy) if use_cache else None
+        head = manifest_copy.read_head(copy) if use_cache else None
         args = self._args(dataset, algo=algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
-                          progress=progress is not None, known=known)
-        reply, entries = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
-        if reply.unchanged and known is not None and reply.digest == known:
-            saved = manifest_copy.load(copy, known)
-            if saved is not None and len(saved) == reply.count:
-                return Manifest(exists=reply.exists, algo=algo, entries=saved, digest=known)
-            # Our copy changed or broke since we read its digest: have the entries sent.
-            args["known"] = None
-            reply, entries = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
+                          progress=progress is not None, known=head.digest if head else None,
+                          known_chunks=[digest for digest, _ in head.chunks] if head else None)
+        reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
+        entries = None
+        if head is not None and (reply.unchanged or len(received) < reply.count):
+            saved = await asyncio.to_thread(manifest_copy.load, copy, head.digest)
+            if reply.unchanged and reply.digest == head.digest:
+                entries = saved if saved is not None and len(saved) == reply.count else None
+            elif not reply.unchanged:
+                entries = _assemble(reply, received, head, saved)
+        elif not reply.unchanged:
+            entries = _assemble(reply, received, None, None)
+        if entries is None:
+            # Our copy changed or broke since we read its head: have every entry sent.
+            args["known"] = args["known_chunks"] = None
+            reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
+            entries = _assemble(reply, received, None, None)
         manifest = _received(reply, entries, algo)
-        if reply.digest is not None:
-            await asyncio.to_thread(manifest_copy.save, copy, reply.digest, entries)
+        if reply.digest is not None and not reply.unchanged:
+            await asyncio.to_thread(manifest_copy.save, copy, reply.digest, reply.chunks or [], entries)
         return manifest
 
     async def changed_since(self, dataset: str, before: Manifest, *, jobs: int, use_cache: bool,
@@ -174,10 +183,10 @@ class RemoteSession:
         args = self._args(dataset, algo=before.algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
                           trusted=trusted, progress=False, known=before.digest)
-        reply, entries = await self.client.call("manifest", args, ManifestReply, Entry)
+        reply, received = await self.client.call("manifest", args, ManifestReply, Entry)
         if reply.unchanged and before.digest is not None and reply.digest == before.digest:
             return None
-        return _received(reply, entries, before.algo)
+        return _received(reply, [] if reply.unchanged else _assemble(reply, received, None, None), before.algo)
 
     async def events_lines(self, dataset: str) -> EventsLines:
         reply, digests = await self.client.call("events_lines", self._args(dataset), LinesReply, str)
@@ -253,11 +262,48 @@ class RemoteSession:
         await self.transport.close()
 
 
-def _received(reply: ManifestReply, entries: list[Entry], algo: str) -> Manifest:
-    """The manifest the agent sent, refused unless it is complete and safe to act on."""
-    if reply.unchanged or reply.count != len(entries) or reply.algo != algo:
+def _assemble(reply: ManifestReply, received: list[Entry], head: manifest_copy.Head | None,
+              saved: list[Entry] | None) -> list[Entry] | None:
+    """The manifest's entries: the chunks the agent sent, validated, and those it left out because
+    our copy (`head`, `saved`) has them. None when the copy cannot supply one after all."""
+    if reply.chunks is None:
+        validate_remote_entries(received)
+        return received
+    known: dict[str, tuple[int, int]] = {}  # chunk digest -> (start, count) in `saved`
+    if head is not None:
+        start = 0
+        for digest, count in head.chunks:
+            known.setdefault(digest, (start, count))
+            start += count
+        if saved is None or start != len(saved):
+            known = {digest: (-1, 0) for digest in known}  # listed, but not to be had
+    entries: list[Entry] = []
+    taken = 0
+    for digest, count in reply.chunks:
+        if digest in known:
+            start, have = known[digest]
+            if start < 0 or have != count:
+                return None
+            chunk = saved[start:start + count] if saved is not None else []
+        else:
+            chunk = received[taken:taken + count]
+            taken += count
+            if len(chunk) != count:
+                raise RemoteError("the remote manifest is incomplete", "rerun the command")
+            validate_remote_entries(chunk)
+        if entries and chunk and chunk[0].path <= entries[-1].path:
+            raise ProtocolError("the remote agent sent an unsorted or invalid manifest",
+                                "rerun; if it persists, run `usr remotes doctor`")
+        entries.extend(chunk)
+    if taken != len(received):
         raise RemoteError("the remote manifest is incomplete", "rerun the command")
-    validate_remote_entries(entries)
+    return entries
+
+
+def _received(reply: ManifestReply, entries: list[Entry], algo: str) -> Manifest:
+    """The manifest the agent sent (already validated), refused unless it is complete."""
+    if reply.count != len(entries) or reply.algo != algo:
+        raise RemoteError("the remote manifest is incomplete", "rerun the command")
     return Manifest(exists=reply.exists, algo=algo, entries=entries, digest=reply.digest)
 
 

@@ -24,7 +24,7 @@ from remote_agent import usrsync_agent as engine
 from usrsync import audit, rsync
 from usrsync.compare import EventsLines, EventsState, Policy, compare, events_relation
 from usrsync.config import Remote
-from usrsync.dataset import EVENTS, classify, local_dataset_dir
+from usrsync.dataset import EVENTS, SECTIONS, classify, local_dataset_dir
 from usrsync.errors import (
     EXIT_INTERRUPTED,
     InterruptedByUser,
@@ -461,11 +461,11 @@ class Run:
         (result, dest_now), source_now = await asyncio.gather(
             verified_then_rescanned(), self._changed_since(policy, source_side, source_before))
         # A source changed under rsync also fails verification: name that cause first.
-        if source_now is not None and files_of(source_now, policy) != files_of(source_before, policy):
+        if source_now is not None and not same_files(source_now, source_before, policy):
             raise VerificationError(f"the {source_side} dataset changed during the transfer",
                                     "nothing was promoted; rerun when the writer on that side has finished")
         self._check_verified(result.problems, where)
-        if dest_now is not None and files_of(dest_now) != files_of(dest_before):
+        if dest_now is not None and not same_files(dest_now, dest_before):
             raise VerificationError(f"the {dest_side} dataset changed during the transfer",
                                     "nothing was promoted; rerun when the writer on that side has finished")
         engine.checkpoint("after-verify")
@@ -550,8 +550,13 @@ class Run:
 
 def files_of(manifest: Manifest, policy: Policy | None = None) -> list[tuple[str, int, str]]:
     """(path, size, digest) of a manifest's files in path order; those in `policy`'s scope when given."""
-    return [(e.path, e.size, e.digest) for e in manifest.entries
-            if e.kind == KIND_FILE and (policy is None or policy.in_scope(e.section))]
+    sections = SECTIONS if policy is None else {s for s in SECTIONS if policy.in_scope(s)}
+    return [(e.path, e.size, e.digest) for e in manifest.entries if e.kind == KIND_FILE and e.section in sections]
+
+
+def same_files(now: Manifest, before: Manifest, policy: Policy | None = None) -> bool:
+    """Whether two manifests hold the same files (in `policy`'s scope when given), by content."""
+    return now.entries == before.entries or files_of(now, policy) == files_of(before, policy)
 
 
 def files_after_promotion(dest_before: Manifest, plan: TransferPlan, policy: Policy) -> list[tuple[str, int, str]]:
