@@ -107,18 +107,12 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0, st
 def child_pids(parent: int, name: str | None = None) -> list[int]:
     """Live direct children of `parent` (optionally only those whose comm is `name`), from /proc."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid in rigmod.pids():
+        fields = rigmod.proc_status(pid)
+        if fields.get("PPid") != str(parent) or fields.get("State", "Z").startswith("Z"):
             continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.partition(":")[::2] for line in status.splitlines())
-        if fields.get("PPid", "").strip() != str(parent) or fields.get("State", "").strip().startswith("Z"):
-            continue
-        if name is None or fields.get("Name", "").strip() == name:
-            found.append(int(entry))
+        if name is None or fields.get("Name") == name:
+            found.append(pid)
     return found
 
 

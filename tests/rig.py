@@ -63,7 +63,7 @@ def rig_available() -> tuple[bool, str]:
 # --------------------------------------------------------------------------- processes
 
 
-def _proc_status(pid: int) -> dict[str, str]:
+def proc_status(pid: int) -> dict[str, str]:
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -72,11 +72,21 @@ def _proc_status(pid: int) -> dict[str, str]:
     return fields
 
 
-def _pids() -> list[int]:
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on: [1] ppid, [2] pgrp, [11] utime, [12] stime,
+    [16] nice. Empty when the process is gone. (The command name may hold spaces and parens.)"""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -87,19 +97,19 @@ def _cmdline(pid: int) -> str:
 def processes_of_uid(uid: int) -> list[tuple[int, str]]:
     """Live (non-zombie) processes whose real or effective uid is `uid`, as (pid, cmdline)."""
     found = []
-    for pid in _pids():
-        st = _proc_status(pid)
+    for pid in pids():
+        st = proc_status(pid)
         uids = st.get("Uid", "").split()
         if str(uid) not in uids[:2] or st.get("State", "").startswith("Z"):
             continue
-        found.append((pid, _cmdline(pid) or f"[{st.get('Name', '?')}]"))
+        found.append((pid, cmdline(pid) or f"[{st.get('Name', '?')}]"))
     return found
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for pid in _pids():
-        ppid = _proc_status(pid).get("PPid")
+    for pid in pids():
+        ppid = proc_status(pid).get("PPid")
         if ppid and ppid.isdigit():
             children.setdefault(int(ppid), []).append(pid)
     out, todo = [], [root]
@@ -111,7 +121,7 @@ def _descendants(root: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    st = _proc_status(pid)
+    st = proc_status(pid)
     return bool(st) and not st.get("State", "").startswith("Z")
 
 
@@ -420,7 +430,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop the listener and its session children, all by PID."""
     if proc.poll() is None:
         # Sessions outlive a SIGTERMed listener, so collect them first.
-        _signal_pids([proc.pid, *_descendants(proc.pid)])
+        _signal_pids([proc.pid, *descendants(proc.pid)])
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=_STOP_TIMEOUT)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import rig as rigmod
 from helpers import (
     BASE_FILES,
     DATASET,
@@ -142,16 +143,7 @@ def sshd_session_pids(sides: Sides) -> list[int]:
 
 def local_helpers(sides: Sides) -> list[int]:
     """rsync and rsh-shim processes still working on this test's local root."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(sides.root).encode() in cmd and b"rsync" in cmd:
-                found.append(int(entry))
-    return found
+    return [pid for pid in rigmod.pids() if str(sides.root) in (cmd := rigmod.cmdline(pid)) and "rsync" in cmd]
 
 
 def quiesce(sides: Sides) -> None:

@@ -20,7 +20,7 @@ import asyncssh
 import pytest
 import rig as rigmod
 import tomli_w
-from helpers import BASE_FILES, DATASET, Sides, child_pids, load_audit, wait_for, write_tree
+from helpers import BASE_FILES, DATASET, Sides, load_audit, wait_for, write_tree
 from rig import SshRig
 
 from usrsync.transport.ssh import agent_source
@@ -282,30 +282,17 @@ def test_old_remote_rsync_is_warned_about(sides: Sides, tmp_path: Path) -> None:
 
 
 def _nice(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[16])  # field 19; fields 1-2 end at ')'
+    return int(rigmod.proc_stat(pid)[16])
 
 
-def _cmdline(pid: int) -> bytes | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-
-
-def _descendants(pid: int) -> dict[int, bytes | None]:
+def _descendants(pid: int) -> dict[int, str]:
     """Every live descendant of `pid` with its command line (to recognise it later, not a reused PID)."""
-    found, todo = {}, [pid]
-    while todo:
-        for child in child_pids(todo.pop()):
-            found[child] = _cmdline(child)
-            todo.append(child)
-    return found
+    return {child: rigmod.cmdline(child) for child in rigmod.descendants(pid)}
 
 
-def _survivors(processes: dict[int, bytes | None]) -> list[int]:
+def _survivors(processes: dict[int, str]) -> list[int]:
     """Those still running (a zombie's or a reused PID's command line differs)."""
-    return [pid for pid, cmdline in processes.items() if cmdline and _cmdline(pid) == cmdline]
+    return [pid for pid, cmdline in processes.items() if cmdline and rigmod.cmdline(pid) == cmdline]
 
 
 def test_agent_is_niced_and_a_killed_orchestrator_leaves_nothing(sides: Sides, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import rig as rigmod
 
 from usrsync.errors import ConfigError
 from usrsync.rsync import (
@@ -489,17 +490,8 @@ def test_missing_binary(tmp_path: Path):
 
 def live_group_members(pgid: int) -> list[int]:
     """Non-zombie processes of a process group, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                found.append(int(entry))
-    return found
+    return [pid for pid in rigmod.pids()
+            if (fields := rigmod.proc_stat(pid)) and int(fields[2]) == pgid and fields[0] not in ("Z", "X")]
 
 
 @needs_rsync

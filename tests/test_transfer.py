@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import rig as rigmod
 from helpers import (
     BASE_FILES,
     DATASET,
@@ -215,7 +216,7 @@ def _agents(rig: SshRig) -> int:
 def _idle(pid: int) -> bool:
     """No CPU time used by `pid` for 0.3 s (utime + stime from /proc)."""
     def cpu() -> int:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = rigmod.proc_stat(pid)
         return int(fields[11]) + int(fields[12])
 
     before = cpu()
