@@ -235,6 +235,10 @@ class HashCache(object):
     Never keyed on st_dev (it changes across NFS/Lustre remounts). A corrupt or foreign
     cache file is ignored and rebuilt, never trusted. Stored with marshal (format 4, which
     Python 3.4+ reads): a no-op scan of 100k files loads it in ~30 ms, JSON took ~200 ms.
+
+    `old` is what was known before the current scan, `new` what it keeps. One object may serve
+    several scans of a run (loading and saving it costs ~0.1 s per 100k files each): each scan
+    calls start_scan(), and its owner saves it when it is done.
     """
 
     def __init__(self, cache_dir, root, algo):
@@ -245,6 +249,7 @@ class HashCache(object):
         self.new = {}
         self.dirty = False
         self.loaded_ok = False
+        self.scans = 0
         try:
             with open(self.path, "rb") as handle:
                 doc = marshal.loads(handle.read())
@@ -265,6 +270,18 @@ class HashCache(object):
         name = hashlib.sha256(("%s\x00%s" % (root, algo)).encode("utf-8", "surrogateescape"))
         return os.path.join(cache_dir, "hashes", name.hexdigest()[:32] + ".marshal")
 
+    def start_scan(self):
+        """From the second scan on, what the previous one kept is what is known."""
+        if self.scans:
+            # Entries the previous scan dropped are a change not yet saved, like a put().
+            self.dirty = self.dirty or len(self.new) != len(self.old)
+            self.old, self.new = self.new, {}
+        self.scans += 1
+
+    def current(self):
+        """Every entry as of now: the last scan's, or the loaded ones before any scan."""
+        return self.new if self.scans else self.old
+
     def get(self, relpath, st):
         """The cached digest when the whole key (a FileStat) matches; the entry is then kept."""
         hit = self.old.get(relpath)
@@ -279,11 +296,12 @@ class HashCache(object):
         self.dirty = True
 
     def save(self):
-        if not self.dirty and len(self.new) == len(self.old):
+        if not self.dirty and (not self.scans or len(self.new) == len(self.old)):
             return  # every entry came back unchanged (get() kept them): the file is current
-        doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo, "entries": self.new}
+        doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo, "entries": self.current()}
         try:
             atomic_write(self.path, marshal.dumps(doc, 4), mode=0o600)
+            self.dirty = False
         except (OSError, ValueError):
             pass  # a cache is an optimisation: a read-only home must not fail the sync
 
@@ -426,7 +444,7 @@ class Cancelled(Exception):
 
 
 def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sections=None,
-                   trusted=None, progress=None, progress_start=None, cancelled=None):
+                   trusted=None, progress=None, progress_start=None, cancelled=None, cache=None):
     """Manifest entries [path, section, size, mtime_ns, kind, digest, lines], sorted by path.
 
     `hash_sections`: sections whose files are hashed (default all); others get digest "".
@@ -435,9 +453,14 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     `progress_start(files, bytes)` is called once with what is about to be hashed (only when
     something is), `progress(files, bytes)` after each hashed file.
     `cancelled`: a threading.Event; once set, Cancelled is raised before the next file is hashed.
+    `cache`: a HashCache of this root and algo to use, and leave for the caller to save; without
+    it, the cache is loaded from `cache_dir` and saved here.
     """
     scan_start = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
-    cache = HashCache(cache_dir or default_cache_dir(), root, algo) if use_cache else None
+    borrowed = cache if use_cache else None
+    cache = (borrowed or HashCache(cache_dir or default_cache_dir(), root, algo)) if use_cache else None
+    if cache is not None:
+        cache.start_scan()
     racy_from = scan_start - RACY_WINDOW_NS
     entries = []
     to_hash = []
@@ -510,7 +533,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 for _ in pool.map(work, big):
                     pass
-    if cache is not None:
+    if cache is not None and borrowed is None:
         cache.save()
     return entries
 
@@ -871,15 +894,17 @@ def verify_tree(root, expected, reread, algo, subtree=""):
     return {"problems": problems, "checked": checked, "bytes": nbytes, "stats": stats}
 
 
-def remember_digests(root, algo, proven, cache_dir=None):
+def remember_digests(root, algo, proven, cache_dir=None, cache=None):
     """Put digests a transfer just proved by rereading into the dataset's hash cache, so the next
     scan need not read those files again. `proven`: {relpath: [inode, size, mtime_ns, digest]} as
     seen when they were reread; a file whose inode, size or mtime no longer match, or that is racy,
-    is left out. Every other cache entry is kept."""
+    is left out. Every other cache entry is kept. `cache`: as build_manifest's."""
     if not proven:
         return
-    cache = HashCache(cache_dir or default_cache_dir(), root, algo)
-    cache.new = dict(cache.old)
+    borrowed = cache
+    if cache is None:
+        cache = HashCache(cache_dir or default_cache_dir(), root, algo)
+    entries = cache.current()
     racy_from = time.time() * 1e9 - RACY_WINDOW_NS
     for rel, (ino, size, mtime_ns, digest) in proven.items():
         try:
@@ -888,8 +913,10 @@ def remember_digests(root, algo, proven, cache_dir=None):
             continue
         if S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime_ns) \
                 and mtime_ns < racy_from:
-            cache.put(rel, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), digest)
-    cache.save()
+            entries[rel] = ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), digest)
+            cache.dirty = True
+    if borrowed is None:
+        cache.save()
 
 
 def reread_digests(stats, expected, reread):
@@ -1280,9 +1307,17 @@ class Agent(object):
     def __init__(self, out):
         self.out = out
         self.locks = {}
+        self.hash_caches = {}
         self.keepalive = 30.0  # seconds between progress frames; the orchestrator sets it in hello
         self._send_lock = threading.Lock()
         self._release_lock = threading.Lock()  # serve() and watch_session() may both release
+
+    def hash_cache(self, root, algo):
+        """This session's hash cache of a dataset: loaded once however many calls scan it."""
+        key = (root, algo)
+        if key not in self.hash_caches:
+            self.hash_caches[key] = HashCache(default_cache_dir(), root, algo)
+        return self.hash_caches[key]
 
     def send(self, obj, compress=False):
         self.send_body(json.dumps(obj, separators=(",", ":")).encode("utf-8"), compress)
@@ -1330,14 +1365,22 @@ class Agent(object):
         if exists:
             hash_sections = args.get("hash_sections")
             report = _HashProgress(self, rid) if args.get("progress") else None
-            entries = build_manifest(
-                root, args["algo"], jobs=int(args.get("jobs", 2)),
-                use_cache=bool(args.get("cache", True)),
-                hash_sections=set(hash_sections) if hash_sections is not None else None,
-                trusted=args.get("trusted"),
-                progress=report.update if report else None,
-                progress_start=report.start if report else None,
-            )
+            use_cache = bool(args.get("cache", True))
+            cache = self.hash_cache(root, args["algo"]) if use_cache else None
+            try:
+                entries = build_manifest(
+                    root, args["algo"], jobs=int(args.get("jobs", 2)), use_cache=use_cache,
+                    hash_sections=set(hash_sections) if hash_sections is not None else None,
+                    trusted=args.get("trusted"),
+                    progress=report.update if report else None,
+                    progress_start=report.start if report else None,
+                    cache=cache,
+                )
+            except BaseException:
+                self.hash_caches.pop((root, args["algo"]), None)  # a scan cut short leaves it partial
+                raise
+            if cache is not None:
+                cache.save()
         reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
         chunks = list(manifest_chunks(entries)) if "known" in args else \
             [entries[i:i + CHUNK_ENTRIES] for i in range(0, len(entries), CHUNK_ENTRIES)]
@@ -1416,7 +1459,10 @@ class Agent(object):
         remember = args.get("remember")
         if remember is not None and not args.get("staging") and not result["problems"]:
             remember.update(reread_digests(result["stats"], args["expected"], reread))
-            remember_digests(dataset_dir(args["base_dir"], args["dataset"]), args["algo"], remember)
+            live = dataset_dir(args["base_dir"], args["dataset"])
+            cache = self.hash_cache(live, args["algo"])
+            remember_digests(live, args["algo"], remember, cache=cache)
+            cache.save()
         return result
 
     def call_promote(self, args):

@@ -457,6 +457,23 @@ def test_trusted_digest_of_a_settled_file_is_cached(tmp_path: Path) -> None:
     assert ds.cached()["_derived/a"] == ds.key("_derived/a") + [sha(b"derived-a")]
 
 
+def test_a_borrowed_cache_serves_several_scans_and_is_saved_by_its_owner(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    saved = ds.cache_path.stat()
+    cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
+    ds.forge("_derived/a")  # on disk only: the loaded object does not see it
+    (ds.root / "records.parquet").unlink()
+    first = engine.build_manifest(str(ds.root), "sha256", cache=cache)
+    assert {e[0]: e[5] for e in first} == {"_derived/a": sha(b"derived-a")}
+    cache.new["_derived/a"] = (cache.new["_derived/a"][0], FORGED)  # what this object knows now
+    second = engine.build_manifest(str(ds.root), "sha256", cache=cache)
+    assert {e[0]: e[5] for e in second} == {"_derived/a": FORGED}  # the second scan used the first's
+    assert ds.document()["entries"]["_derived/a"][1] == FORGED  # the forged file, untouched
+    cache.save()
+    assert sorted(ds.cached()) == ["_derived/a"] and ds.cache_path.stat().st_ino != saved.st_ino
+
+
 def test_remembered_digests_are_cached_with_the_full_key_and_the_rest_kept(tmp_path: Path) -> None:
     """A transfer's reread proves a file's digest; the next scan then takes it from the cache."""
     ds = Dataset(tmp_path)

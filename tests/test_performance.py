@@ -195,6 +195,30 @@ def test_session_after_a_change_holds_the_same_entries_as_a_full_send(tmp_path: 
     assert delta.get("_derived/ns/part-00007") == entry("_derived/ns/part-00007", b"changed")
 
 
+def test_the_agent_loads_a_dataset_hash_cache_once_per_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "base"
+    write(base / "ds", {"records.parquet": b"PAR1", "_derived/a": b"a"})
+    loads = []
+
+    class CountedCache(engine.HashCache):
+        def __init__(self, *args: Any) -> None:
+            loads.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(engine, "HashCache", CountedCache)
+    agent = engine.Agent(io.BytesIO())
+    args = {"base_dir": str(base), "dataset": "ds", "algo": "sha256", "cache": True, "known": None}
+    for rid in (1, 2):
+        agent.handle({"id": rid, "call": "manifest", "args": args})
+    expected = {"records.parquet": [4, sha(b"PAR1")], "_derived/a": [1, sha(b"a")]}
+    agent.handle({"id": 3, "call": "verify", "args": {**args, "txid": "t", "subtree": "", "staging": False,
+                                                       "expected": expected, "reread": ["_derived/a"],
+                                                       "remember": {}}})
+    assert len(loads) == 1
+    cached = engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256").old
+    assert sorted(cached) == ["_derived/a", "records.parquet"]
+
+
 def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
     write(tmp_path / "base" / "ds", {"records.parquet": b"PAR1"})
     result, items = manifest_call(tmp_path / "base")

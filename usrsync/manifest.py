@@ -104,7 +104,9 @@ def local_manifest(
     trusted: dict[str, list] | None = None,
     progress: HashProgress | None = None,
     cancelled: threading.Event | None = None,
+    cache: engine.HashCache | None = None,
 ) -> Manifest:
+    """`cache`: a hash cache to use and leave to the caller to save (see engine.HashCache)."""
     if not root.is_dir():
         return Manifest(exists=False, algo=algo, entries=[])
     totals = [0, 0]
@@ -118,7 +120,7 @@ def local_manifest(
         str(root), algo, jobs=jobs, cache_dir=str(cache_dir) if cache_dir else None,
         use_cache=use_cache, hash_sections=hash_sections, trusted=trusted,
         progress=(lambda files, nbytes: progress(files, nbytes, *totals)) if progress else None,
-        progress_start=start if progress else None, cancelled=cancelled,
+        progress_start=start if progress else None, cancelled=cancelled, cache=cache,
     )
     return Manifest(exists=True, algo=algo, entries=engine_entries(raw))
 

@@ -109,6 +109,7 @@ class Run:
         self.remote_locked = False
         self.algo = "sha256"
         self._speculation: tuple[str, threading.Event, asyncio.Task[Manifest]] | None = None
+        self._hash_caches: dict[str, engine.HashCache] = {}  # per algo: this side's, loaded once per run
         self.log = log.bind(action=action, dataset=dataset, remote=remote.name, txid=self.txid)
         profile = remote.profile
         self.data = audit.AuditData(
@@ -259,6 +260,7 @@ class Run:
 
     async def _release(self) -> None:
         await self._drop_speculation()
+        await self._save_hash_caches()
         session = self.session
         if session is not None:
             try:
@@ -280,13 +282,34 @@ class Run:
         return functools.partial(hook, side) if hook else None
 
     async def _local_manifest(self, policy: Policy, *, algo: str | None = None,
-                              trusted: dict[str, list] | None = None, cancelled: threading.Event | None = None,
-                              progress: bool = True) -> Manifest:
-        return await asyncio.to_thread(
-            local_manifest, self.local_dir, algo or self.algo, jobs=self.options.jobs,
-            use_cache=self.options.use_cache, hash_sections=policy.hashed_sections(), trusted=trusted,
-            progress=self._hash_progress("local") if progress else None, cancelled=cancelled,
-        )
+                              trusted: dict[str, list] | None = None,
+                              cancelled: threading.Event | None = None, progress: bool = True) -> Manifest:
+        algo = algo or self.algo
+        report = self._hash_progress("local") if progress else None
+
+        def scan() -> Manifest:
+            cache = self._hash_cache(algo) if self.options.use_cache else None
+            try:
+                return local_manifest(self.local_dir, algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
+                                      hash_sections=policy.hashed_sections(), trusted=trusted, progress=report,
+                                      cancelled=cancelled, cache=cache)
+            except BaseException:
+                self._hash_caches.pop(algo, None)  # a scan cut short leaves it partial: never saved
+                raise
+
+        return await asyncio.to_thread(scan)
+
+    def _hash_cache(self, algo: str) -> engine.HashCache:
+        """This side's hash cache for `algo`, shared by the run's scans (called in worker threads)."""
+        cache = self._hash_caches.get(algo)
+        if cache is None:
+            cache = engine.HashCache(engine.default_cache_dir(), str(self.local_dir), algo)
+            self._hash_caches[algo] = cache
+        return cache
+
+    async def _save_hash_caches(self) -> None:
+        for cache in list(self._hash_caches.values()):
+            await asyncio.to_thread(cache.save)  # only what changed is written
 
     def _speculate_local_manifest(self, policy: Policy) -> None:
         """Scan this side while we connect, in the algorithm of its newest hash cache (the one the
@@ -327,6 +350,7 @@ class Run:
         started = time.monotonic()
         guessed = self._speculation[0] if self._speculation is not None else None
         local, remote = await asyncio.gather(self._local_manifest_now(policy), self._remote_manifest(policy))
+        await self._save_hash_caches()  # what this scan hashed is kept, whatever happens next
         local_scan = "fresh" if guessed is None else "early" if guessed == self.algo else f"fresh ({guessed} guessed)"
         self.log.info("manifests", local_files=len(local.entries), remote_files=len(remote.entries),
                       local_scan=local_scan, seconds=round(time.monotonic() - started, 3))
@@ -497,8 +521,9 @@ class Run:
             check = await asyncio.to_thread(verify_local, str(live), expected, [], self.algo, plan.subtree)
             self._post(policy, plan, local, remote, result, check.problems)
             if self.options.use_cache:  # the staged inodes are live now: the next scan need not read them
-                await asyncio.to_thread(engine.remember_digests, str(self.local_dir), self.algo,
-                                        {**linked, **engine.reread_digests(result.stats, expected, plan.reread)})
+                proven = {**linked, **engine.reread_digests(result.stats, expected, plan.reread)}
+                await asyncio.to_thread(lambda: engine.remember_digests(str(self.local_dir), self.algo, proven,
+                                                                        cache=self._hash_cache(self.algo)))
         finally:
             if not promoted:
                 await asyncio.to_thread(engine.remove_tree, staging)
