@@ -1342,7 +1342,6 @@ class Agent(object):
             "home": os.path.expanduser("~"),
             "hash_algos": hash_algos(),
             "rsync": rsync,
-            "pyarrow": has_pyarrow(),
             "pid": os.getpid(),
         }
 
@@ -1473,6 +1472,10 @@ class Agent(object):
         existed = os.path.lexists(staging)
         remove_tree(staging)
         return {"removed": existed}
+
+    def call_pyarrow(self, args):
+        # Not part of hello: importing pyarrow takes a good part of a second where it is installed.
+        return {"pyarrow": has_pyarrow()}
 
     def call_parquet_shape(self, args):
         root = dataset_dir(args["base_dir"], args["dataset"])

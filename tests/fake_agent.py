@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
             python = "3.5.10" if variant == "old-python" else platform.python_version()
             result = {"version": "1", "python": python, "platform": sys.platform,
                       "hostname": socket.gethostname(), "user": "fake", "home": os.path.expanduser("~"),
-                      "hash_algos": ["sha256"], "rsync": None, "pyarrow": False, "pid": os.getpid()}
+                      "hash_algos": ["sha256"], "rsync": None, "pid": os.getpid()}
         elif call == "check_base":
             result = {"base_dir": args["base_dir"], "exists": True, "writable": True}
         elif call == "manifest":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,3 +77,13 @@ def test_auto_resolves_to_hash_and_records_why(tmp_path: Path) -> None:
     verify = load_audit(out)["verify"]
     assert verify["primary"] == "hash"
     assert verify["notes"] == ["--verify auto resolved to hash: content digests are available on both ends"]
+
+
+def test_the_agent_imports_pyarrow_only_when_asked() -> None:
+    """Importing pyarrow costs a good part of a second; hello runs at every connection."""
+    code = ("import io, sys; from remote_agent import usrsync_agent as a; agent = a.Agent(io.BytesIO()); "
+            "agent.call_hello({}); before = 'pyarrow' in sys.modules; "
+            "print(before, agent.call_pyarrow({})['pyarrow'], 'pyarrow' in sys.modules)")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo).stdout
+    assert out.split() == ["False", "True", "True"]

@@ -16,11 +16,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
-import sh
 import structlog
+
+if TYPE_CHECKING:
+    import sh
 
 from usrsync.errors import ConfigError
 
@@ -169,6 +171,8 @@ def security_warning(info: RsyncInfo) -> str | None:
 
 def local_rsync_info(binary: str = "rsync") -> RsyncInfo:
     """Run `<binary> --version` here and parse it."""
+    import sh  # here, not at the top: `usr diff` never runs rsync and need not import it
+
     try:
         cmd = sh.Command(binary)
         with open(os.devnull, "rb") as devnull:
@@ -422,6 +426,8 @@ def run_rsync(
             exit_code=20, changes=[], files=0, bytes=0, stderr_tail="cancelled before start", seconds=0.0,
             cancelled=True,
         )
+    import sh  # see local_rsync_info
+
     try:
         cmd = sh.Command(argv[0])
     except sh.CommandNotFound:

@@ -35,7 +35,6 @@ class Hello(msgspec.Struct):
     home: str
     hash_algos: list[str]
     rsync: str | None
-    pyarrow: bool
     pid: int
 
 
@@ -87,6 +86,10 @@ class RecoverReply(msgspec.Struct):
 
 class ShapeReply(msgspec.Struct):
     shape: list[int] | None
+
+
+class PyarrowReply(msgspec.Struct):
+    pyarrow: bool
 
 
 class DatasetListing(msgspec.Struct):
@@ -246,6 +249,10 @@ class RemoteSession:
 
     async def cleanup(self, dataset: str, txid: str) -> None:
         await self.client.call("cleanup", self._args(dataset, txid=txid), dict)
+
+    async def has_pyarrow(self) -> bool:
+        reply, _ = await self.client.call("pyarrow", {}, PyarrowReply)
+        return reply.pyarrow
 
     async def parquet_shape(self, dataset: str) -> list[int] | None:
         reply, _ = await self.client.call("parquet_shape", self._args(dataset), ShapeReply)

@@ -83,8 +83,9 @@ def resolve_policy(options: SyncOptions) -> tuple[Policy, list[str]]:
     return policy, notes
 
 
-def require_pyarrow(policy: Policy, remote_has_pyarrow: bool) -> None:
-    if policy.verify == "parquet" and not (engine.has_pyarrow() and remote_has_pyarrow):
+def require_pyarrow(remote_has_pyarrow: bool) -> None:
+    """--verify parquet reads row and column counts with pyarrow on both ends."""
+    if not (engine.has_pyarrow() and remote_has_pyarrow):
         missing = "this machine" if not engine.has_pyarrow() else "the remote"
         raise UsrError(f"--verify parquet needs pyarrow on both ends; {missing} has none",
                        "use --verify hash (content digests, the default) or install pyarrow")
@@ -183,7 +184,8 @@ class Run:
         self.session = await RemoteSession.open(self.remote)
         hello = self.session.hello
         self.algo = "xxh3_128" if "xxh3_128" in hello.hash_algos and engine.xxhash is not None else "sha256"
-        require_pyarrow(policy, hello.pyarrow)
+        if policy.verify == "parquet":
+            require_pyarrow(await self.session.has_pyarrow())
         self.data.verify = audit.verify_info(policy, self.algo, notes)
         self.data.agent = audit.AgentInfo(version=hello.version, python=hello.python, hash_algo=self.algo,
                                           hostname=hello.hostname, rsync=(hello.rsync or "").split("\n")[0] or None)
