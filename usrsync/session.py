@@ -160,14 +160,13 @@ class RemoteSession:
                           known_chunks=[digest for digest, _ in head.chunks] if head else None)
         reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
         entries = None
-        if head is not None and (reply.unchanged or len(received) < reply.count):
+        if not reply.unchanged:  # the chunks our copy lacks were sent; the others come from it
+            from_copy = head is not None and len(received) < reply.count
+            saved = await asyncio.to_thread(manifest_copy.load, copy, head.digest) if head and from_copy else None
+            entries = _assemble(reply, received, head if from_copy else None, saved)
+        elif head is not None and reply.digest == head.digest:  # nothing was sent: our copy is it
             saved = await asyncio.to_thread(manifest_copy.load, copy, head.digest)
-            if reply.unchanged and reply.digest == head.digest:
-                entries = saved if saved is not None and len(saved) == reply.count else None
-            elif not reply.unchanged:
-                entries = _assemble(reply, received, head, saved)
-        elif not reply.unchanged:
-            entries = _assemble(reply, received, None, None)
+            entries = saved if saved is not None and len(saved) == reply.count else None
         if entries is None:
             # Our copy changed or broke since we read its head: have every entry sent.
             args["known"] = args["known_chunks"] = None

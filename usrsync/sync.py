@@ -479,9 +479,10 @@ class Run:
 
         async def verified_then_rescanned() -> tuple[VerifyReply, Manifest | None]:
             result = await verifying
+            if result.problems:
+                return result, None  # refused anyway: no need to know more about the destination
             # Staging linked these files, which changed their ctime and so their hash cache key.
-            if not result.problems:
-                linked.update(linked_digests(plan, result, dest_before))
+            linked.update(linked_digests(plan, result, dest_before))
             return result, await self._changed_since(policy, dest_side, dest_before, linked)
 
         (result, dest_now), source_now = await asyncio.gather(
