@@ -81,4 +81,7 @@ if ! command -v uv >/dev/null 2>&1; then
 fi
 
 cd "$repo"
-uv sync --frozen --quiet
+# Bytecode now, not at first import: where PYTHONDONTWRITEBYTECODE is set (CI images often set
+# it), every `usr` process would otherwise compile asyncssh, rich, click... from source again.
+uv sync --frozen --quiet --compile-bytecode
+uv run --frozen --quiet python -m compileall -q usrsync remote_agent
