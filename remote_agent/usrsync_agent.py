@@ -1308,6 +1308,7 @@ class Agent(object):
         self.out = out
         self.locks = {}
         self.hash_caches = {}
+        self.trusted = {}  # (root, algo) -> the `trusted` digests of the last manifest call, for verify's remember
         self.keepalive = 30.0  # seconds between progress frames; the orchestrator sets it in hello
         self._send_lock = threading.Lock()
         self._release_lock = threading.Lock()  # serve() and watch_session() may both release
@@ -1366,6 +1367,7 @@ class Agent(object):
             report = _HashProgress(self, rid) if args.get("progress") else None
             use_cache = bool(args.get("cache", True))
             cache = self.hash_cache(root, args["algo"]) if use_cache else None
+            self.trusted[(root, args["algo"])] = args.get("trusted") or {}
             try:
                 entries = build_manifest(
                     root, args["algo"], jobs=int(args.get("jobs", 2)), use_cache=use_cache,
@@ -1455,12 +1457,14 @@ class Agent(object):
         checkpoint("before-verify")
         reread = args.get("reread", [])
         result = verify_tree(root, args["expected"], reread, args["algo"], subtree)
-        remember = args.get("remember")
-        if remember is not None and not args.get("staging") and not result["problems"]:
-            remember.update(reread_digests(result["stats"], args["expected"], reread))
+        if args.get("remember") and not args.get("staging") and not result["problems"]:
+            # What the last manifest call trusted (the files staging linked: the orchestrator sent
+            # them once, for the rescan), and what this call reread.
             live = dataset_dir(args["base_dir"], args["dataset"])
+            proven = dict(self.trusted.get((live, args["algo"])) or {})
+            proven.update(reread_digests(result["stats"], args["expected"], reread))
             cache = self.hash_cache(live, args["algo"])
-            remember_digests(live, args["algo"], remember, cache=cache)
+            remember_digests(live, args["algo"], proven, cache=cache)
             cache.save()
         return result
 

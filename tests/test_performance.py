@@ -208,15 +208,20 @@ def test_the_agent_loads_a_dataset_hash_cache_once_per_session(tmp_path: Path, m
     monkeypatch.setattr(engine, "HashCache", CountedCache)
     agent = engine.Agent(io.BytesIO())
     args = {"base_dir": str(base), "dataset": "ds", "algo": "sha256", "cache": True, "known": None}
-    for rid in (1, 2):
-        agent.handle({"id": rid, "call": "manifest", "args": args})
+    agent.handle({"id": 1, "call": "manifest", "args": args})
+    # The rescan is told to trust a digest for the file staging linked; verify's remember then
+    # keeps it (the orchestrator sends it once), with what it reread itself.
+    st = os.lstat(base / "ds" / "records.parquet")
+    told = "f" * 64
+    agent.handle({"id": 2, "call": "manifest",
+                  "args": {**args, "trusted": {"records.parquet": [st.st_ino, 4, st.st_mtime_ns, told]}}})
     expected = {"records.parquet": [4, sha(b"PAR1")], "_derived/a": [1, sha(b"a")]}
     agent.handle({"id": 3, "call": "verify", "args": {**args, "txid": "t", "subtree": "", "staging": False,
                                                        "expected": expected, "reread": ["_derived/a"],
-                                                       "remember": {}}})
+                                                       "remember": True}})
     assert len(loads) == 1
     cached = engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256").old
-    assert sorted(cached) == ["_derived/a", "records.parquet"]
+    assert {rel: digest for rel, (_, digest) in cached.items()} == {"_derived/a": sha(b"a"), "records.parquet": told}
 
 
 def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:

@@ -224,10 +224,10 @@ class RemoteSession:
         return reply
 
     async def verify(self, dataset: str, txid: str, *, expected: dict[str, Any], reread: list[str], algo: str,
-                     staging: bool, subtree: str, remember: dict[str, list] | None = None) -> VerifyReply:
+                     staging: bool, subtree: str, remember: bool = False) -> VerifyReply:
         """Check staging, or the live directory `subtree`, against `expected` (dataset-relative paths).
-        `remember` (live only): digests to put in the agent's hash cache, as remember_digests() takes
-        them, along with those of the files it reread and found right."""
+        `remember` (live only): the agent puts in its hash cache the digests of the files it reread
+        and found right, and those its last manifest call of this dataset was told to trust."""
         args = self._args(dataset, txid=txid, expected=expected, reread=reread, algo=algo, staging=staging,
                           subtree=subtree, remember=remember)
         reply, _ = await self.client.call("verify", args, VerifyReply)

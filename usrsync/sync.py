@@ -545,7 +545,7 @@ class Run:
                                   live if remote.exists else None)
             engine.checkpoint("after-rsync")
             expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
-            _, linked = await self._check_before_promotion(
+            await self._check_before_promotion(
                 policy, plan, session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                        algo=self.algo, staging=True, subtree=plan.subtree),
                 "the remote staged copy", ("local", local), ("remote", remote))
@@ -556,7 +556,7 @@ class Run:
             # Re-verify the promoted live directory: reread what moved, check every path and size.
             check = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                          algo=self.algo, staging=False, subtree=plan.subtree,
-                                         remember=linked if self.options.use_cache else None)
+                                         remember=self.options.use_cache)  # the linked ones came with the rescan
             self._post(policy, plan, remote, local, check, check.problems)
         finally:
             if not promoted:
