@@ -238,7 +238,8 @@ class HashCache(object):
 
     `old` is what was known before the current scan, `new` what it keeps. One object may serve
     several scans of a run (loading and saving it costs ~0.1 s per 100k files each): each scan
-    calls start_scan(), and its owner saves it when it is done.
+    runs between start_scan() and finish_scan(), and the object's owner saves it. A scan cut
+    short never finishes, so what is saved is always a whole scan's result.
     """
 
     def __init__(self, cache_dir, root, algo):
@@ -249,7 +250,8 @@ class HashCache(object):
         self.new = {}
         self.dirty = False
         self.loaded_ok = False
-        self.scans = 0
+        self.finished = None  # what the last finished scan kept
+        self._scan_changed = False
         try:
             with open(self.path, "rb") as handle:
                 doc = marshal.loads(handle.read())
@@ -271,16 +273,20 @@ class HashCache(object):
         return os.path.join(cache_dir, "hashes", name.hexdigest()[:32] + ".marshal")
 
     def start_scan(self):
-        """From the second scan on, what the previous one kept is what is known."""
-        if self.scans:
-            # Entries the previous scan dropped are a change not yet saved, like a put().
-            self.dirty = self.dirty or len(self.new) != len(self.old)
-            self.old, self.new = self.new, {}
-        self.scans += 1
+        """What the last finished scan kept (or what was loaded) is what is known."""
+        if self.finished is not None:
+            self.old = self.finished
+        self.new = {}
+        self._scan_changed = False
+
+    def finish_scan(self):
+        # A put(), or an entry the scan did not keep, is a change the file does not have yet.
+        self.dirty = self.dirty or self._scan_changed or len(self.new) != len(self.old)
+        self.finished = self.new
 
     def current(self):
-        """Every entry as of now: the last scan's, or the loaded ones before any scan."""
-        return self.new if self.scans else self.old
+        """Every entry as of now: the last finished scan's, or the loaded ones before any."""
+        return self.finished if self.finished is not None else self.old
 
     def get(self, relpath, st):
         """The cached digest when the whole key (a FileStat) matches; the entry is then kept."""
@@ -293,10 +299,10 @@ class HashCache(object):
 
     def put(self, relpath, st, digest):
         self.new[relpath] = (tuple(st), digest)  # marshal stores plain tuples only
-        self.dirty = True
+        self._scan_changed = True
 
     def save(self):
-        if not self.dirty and (not self.scans or len(self.new) == len(self.old)):
+        if not self.dirty:
             return  # every entry came back unchanged (get() kept them): the file is current
         doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo, "entries": self.current()}
         try:
@@ -439,6 +445,10 @@ def scan(root):
     return [(rel, kind, st) for rel, _, kind, st in scan_sections(root)]
 
 
+def _time_ns():
+    return time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)  # Python < 3.7
+
+
 class Cancelled(Exception):
     """build_manifest's `cancelled` event was set: the caller no longer wants the result."""
 
@@ -456,9 +466,12 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     `cache`: a HashCache of this root and algo to use, and leave for the caller to save; without
     it, the cache is loaded from `cache_dir` and saved here.
     """
-    scan_start = time.time_ns() if hasattr(time, "time_ns") else int(time.time() * 1e9)
-    borrowed = cache if use_cache else None
-    cache = (borrowed or HashCache(cache_dir or default_cache_dir(), root, algo)) if use_cache else None
+    scan_start = _time_ns()
+    owned = use_cache and cache is None
+    if owned:
+        cache = HashCache(cache_dir or default_cache_dir(), root, algo)
+    elif not use_cache:
+        cache = None
     if cache is not None:
         cache.start_scan()
     racy_from = scan_start - RACY_WINDOW_NS
@@ -533,8 +546,10 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 for _ in pool.map(work, big):
                     pass
-    if cache is not None and borrowed is None:
-        cache.save()
+    if cache is not None:
+        cache.finish_scan()
+        if owned:
+            cache.save()
     return entries
 
 
@@ -894,34 +909,27 @@ def verify_tree(root, expected, reread, algo, subtree=""):
     return {"problems": problems, "checked": checked, "bytes": nbytes, "stats": stats}
 
 
-def remember_digests(root, algo, proven, cache_dir=None, cache=None):
-    """Put digests a transfer just proved by rereading into the dataset's hash cache, so the next
-    scan need not read those files again. `proven`: {relpath: [inode, size, mtime_ns, digest]} as
-    seen when they were reread; a file whose inode, size or mtime no longer match, or that is racy,
-    is left out. Every other cache entry is kept. `cache`: as build_manifest's."""
-    if not proven:
-        return
-    borrowed = cache
-    if cache is None:
-        cache = HashCache(cache_dir or default_cache_dir(), root, algo)
+def remember_digests(cache, proven):
+    """Put digests a transfer just proved into a dataset's hash cache (its owner saves it), so the
+    next scan need not read those files again. `proven`: {relpath: [inode, size, mtime_ns, digest]}
+    as seen when they were proved; a file whose inode, size or mtime no longer match, or that is
+    racy, is left out. Every other cache entry is kept."""
     entries = cache.current()
-    racy_from = time.time() * 1e9 - RACY_WINDOW_NS
+    racy_from = _time_ns() - RACY_WINDOW_NS
     for rel, (ino, size, mtime_ns, digest) in proven.items():
         try:
-            st = os.lstat(fs_path(root, rel))
+            st = os.lstat(fs_path(cache.root, rel))
         except OSError:
             continue
         if S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime_ns) \
                 and mtime_ns < racy_from:
             entries[rel] = ((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), digest)
             cache.dirty = True
-    if borrowed is None:
-        cache.save()
 
 
 def reread_digests(stats, expected, reread):
     """remember_digests()'s `proven` from the stats of a verify_tree() without problems."""
-    return dict((rel, list(stats[rel]) + [expected[rel][1]]) for rel in reread if rel in stats)
+    return {rel: list(stats[rel]) + [expected[rel][1]] for rel in reread if rel in stats}
 
 
 RENAME_EXCHANGE = 2
@@ -1368,18 +1376,14 @@ class Agent(object):
             use_cache = bool(args.get("cache", True))
             cache = self.hash_cache(root, args["algo"]) if use_cache else None
             self.trusted[(root, args["algo"])] = args.get("trusted") or {}
-            try:
-                entries = build_manifest(
-                    root, args["algo"], jobs=int(args.get("jobs", 2)), use_cache=use_cache,
-                    hash_sections=set(hash_sections) if hash_sections is not None else None,
-                    trusted=args.get("trusted"),
-                    progress=report.update if report else None,
-                    progress_start=report.start if report else None,
-                    cache=cache,
-                )
-            except BaseException:
-                self.hash_caches.pop((root, args["algo"]), None)  # a scan cut short leaves it partial
-                raise
+            entries = build_manifest(
+                root, args["algo"], jobs=int(args.get("jobs", 2)), use_cache=use_cache,
+                hash_sections=set(hash_sections) if hash_sections is not None else None,
+                trusted=args.get("trusted"),
+                progress=report.update if report else None,
+                progress_start=report.start if report else None,
+                cache=cache,
+            )
             if cache is not None:
                 cache.save()
         reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
@@ -1464,7 +1468,7 @@ class Agent(object):
             proven = dict(self.trusted.get((live, args["algo"])) or {})
             proven.update(reread_digests(result["stats"], args["expected"], reread))
             cache = self.hash_cache(live, args["algo"])
-            remember_digests(live, args["algo"], proven, cache=cache)
+            remember_digests(cache, proven)
             cache.save()
         return result
 

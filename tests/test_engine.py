@@ -240,6 +240,12 @@ class Dataset:
         entries = engine.build_manifest(str(self.root), "sha256", cache_dir=str(self.cache_dir), **kw)
         return {e[0]: e[5] for e in entries}
 
+    def remember(self, proven: dict[str, list]) -> None:
+        """engine.remember_digests on this dataset's cache, saved as its owner would."""
+        cache = engine.HashCache(str(self.cache_dir), str(self.root), "sha256")
+        engine.remember_digests(cache, proven)
+        cache.save()
+
     def document(self) -> dict[str, Any]:
         return marshal.loads(self.cache_path.read_bytes())
 
@@ -482,11 +488,11 @@ def test_remembered_digests_are_cached_with_the_full_key_and_the_rest_kept(tmp_p
     write(ds.root, {"_derived/fresh": b"racy"}, mtime=None)
     size, mtime_ns, _, ino = ds.key("_derived/moved")
     fresh = ds.key("_derived/fresh")
-    engine.remember_digests(str(ds.root), "sha256", {
+    ds.remember({
         "_derived/moved": [ino, size, mtime_ns, FORGED],
         "_derived/fresh": [fresh[3], fresh[0], fresh[1], FORGED],  # racy: never cached
         "_derived/gone": [1, 2, 3, FORGED],
-    }, cache_dir=str(ds.cache_dir))
+    })
     cached = ds.cached()
     assert cached["_derived/moved"] == ds.key("_derived/moved") + [FORGED]
     assert "_derived/fresh" not in cached and "_derived/gone" not in cached
@@ -500,7 +506,7 @@ def test_a_file_changed_since_its_reread_is_not_remembered(tmp_path: Path, stale
     size, mtime_ns, _, ino = ds.key("_derived/a")
     proven = {"inode": [ino + 1, size, mtime_ns], "size": [ino, size + 1, mtime_ns],
               "mtime": [ino, size, mtime_ns - 1]}[stale]
-    engine.remember_digests(str(ds.root), "sha256", {"_derived/a": [*proven, FORGED]}, cache_dir=str(ds.cache_dir))
+    ds.remember({"_derived/a": [*proven, FORGED]})
     assert ds.manifest()["_derived/a"] == sha(b"derived-a")
 
 

@@ -71,9 +71,14 @@ class TransferPlan(msgspec.Struct, kw_only=True):
     def noop(self) -> bool:
         return not self.copy and not self.delete
 
+    @property
+    def prefix(self) -> str:
+        """What every path below the subtree starts with ("" for the whole dataset)."""
+        return self.subtree + "/" if self.subtree else ""
+
     def staged(self, path: str) -> str:
         """A path of this plan relative to the staged subtree (as rsync's file list wants it)."""
-        return path[len(self.subtree) + 1:] if self.subtree else path
+        return path[len(self.prefix):]
 
 
 def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_delete: MaxDelete) -> TransferPlan:

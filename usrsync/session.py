@@ -276,21 +276,19 @@ def _assemble(reply: ManifestReply, received: list[Entry], head: manifest_copy.H
         validate_remote_entries(received)
         return received
     known: dict[str, tuple[int, int]] = {}  # chunk digest -> (start, count) in `saved`
-    if head is not None:
-        start = 0
-        for digest, count in head.chunks:
-            known.setdefault(digest, (start, count))
-            start += count
-        if saved is None or start != len(saved):
-            known = {digest: (-1, 0) for digest in known}  # listed, but not to be had
+    start = 0
+    for digest, count in head.chunks if head is not None else ():
+        known.setdefault(digest, (start, count))
+        start += count
+    usable = saved is not None and start == len(saved)
     entries: list[Entry] = []
     taken = 0
     for digest, count in reply.chunks:
-        if digest in known:
+        if digest in known:  # left out: our copy must supply it
             start, have = known[digest]
-            if start < 0 or have != count:
+            if saved is None or not usable or have != count:
                 return None
-            chunk = saved[start:start + count] if saved is not None else []
+            chunk = saved[start:start + count]
         else:
             chunk = received[taken:taken + count]
             taken += count

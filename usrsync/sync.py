@@ -289,15 +289,11 @@ class Run:
         algo = algo or self.algo
         report = self._hash_progress("local") if progress else None
 
-        def scan() -> Manifest:
+        def scan() -> Manifest:  # in a worker thread: loading the cache is I/O too
             cache = self._hash_cache(algo) if self.options.use_cache else None
-            try:
-                return local_manifest(self.local_dir, algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
-                                      hash_sections=policy.hashed_sections(), trusted=trusted, progress=report,
-                                      cancelled=cancelled, cache=cache)
-            except BaseException:
-                self._hash_caches.pop(algo, None)  # a scan cut short leaves it partial: never saved
-                raise
+            return local_manifest(self.local_dir, algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
+                                  hash_sections=policy.hashed_sections(), trusted=trusted, progress=report,
+                                  cancelled=cancelled, cache=cache)
 
         return await asyncio.to_thread(scan)
 
@@ -525,8 +521,7 @@ class Run:
             self._post(policy, plan, local, remote, result, check.problems)
             if self.options.use_cache:  # the staged inodes are live now: the next scan need not read them
                 proven = {**linked, **engine.reread_digests(result.stats, expected, plan.reread)}
-                await asyncio.to_thread(lambda: engine.remember_digests(str(self.local_dir), self.algo, proven,
-                                                                        cache=self._hash_cache(self.algo)))
+                await asyncio.to_thread(lambda: engine.remember_digests(self._hash_cache(self.algo), proven))
         finally:
             if not promoted:
                 await asyncio.to_thread(engine.remove_tree, staging)
@@ -591,8 +586,7 @@ def files_after_promotion(dest_before: Manifest, plan: TransferPlan, policy: Pol
     """The destination's in-scope files once `plan` is promoted and its directory checked: outside
     the subtree as its manifest showed them (rescanned right before the exchange, which touches
     nothing else), below it exactly `plan.expected`."""
-    prefix = plan.subtree + "/" if plan.subtree else ""
-    kept = [f for f in files_of(dest_before, policy) if prefix and not f[0].startswith(prefix)]
+    kept = [f for f in files_of(dest_before, policy) if plan.prefix and not f[0].startswith(plan.prefix)]
     promoted = [(p, t.size, t.digest) for p, t in plan.expected.items() if policy.in_scope(classify(p))]
     return sorted(kept + promoted)
 
@@ -600,8 +594,7 @@ def files_after_promotion(dest_before: Manifest, plan: TransferPlan, policy: Pol
 def linked_digests(plan: TransferPlan, staged: VerifyReply, dest_before: Manifest) -> dict[str, list]:
     """build_manifest's `trusted` for the files staging hard-linked: each one's digest from the
     manifest that planned the link, while its inode (as staged) still has that size and mtime."""
-    prefix = plan.subtree + "/" if plan.subtree else ""
-    before = {e.path: e for e in dest_before.entries if e.path.startswith(prefix)}
+    before = {e.path: e for e in dest_before.entries if e.path.startswith(plan.prefix)}
     trusted = {}
     for path in plan.link:
         entry, stat = before.get(path), staged.stats.get(path)
