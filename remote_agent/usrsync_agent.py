@@ -8,7 +8,9 @@ length-prefixed JSON frames on stdin/stdout after a sentinel line.
 """
 
 import collections
+import contextlib
 import errno
+import gc
 import getpass
 import hashlib
 import json
@@ -254,7 +256,9 @@ class HashCache(object):
         self._scan_changed = False
         try:
             with open(self.path, "rb") as handle:
-                doc = marshal.loads(handle.read())
+                data = handle.read()
+            with gc_paused():
+                doc = marshal.loads(data)
             if (
                 type(doc) is dict
                 and doc.get("format") == CACHE_FORMAT
@@ -340,6 +344,32 @@ def makedirs(path, mode=0o755):
 
 
 # --- scanning and manifests ----------------------------------------------------------
+
+
+_gc_pause_lock = threading.Lock()
+_gc_pause = {"holders": 0, "was_enabled": False}
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while a scan builds a few acyclic objects per file.
+
+    At 100k files its collections, which walk every tracked object again and again as the lists
+    grow, took 35-40% of a scan (median 0.67 s with them, 0.44 s without). Scans may overlap in
+    threads: the collector comes back when the last one ends, if it was on before the first.
+    """
+    with _gc_pause_lock:
+        if _gc_pause["holders"] == 0:
+            _gc_pause["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_pause["holders"] += 1
+    try:
+        yield
+    finally:
+        with _gc_pause_lock:
+            _gc_pause["holders"] -= 1
+            if _gc_pause["holders"] == 0 and _gc_pause["was_enabled"]:
+                gc.enable()
 
 
 _isascii = getattr(str, "isascii", None)  # Python >= 3.7
@@ -477,27 +507,28 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     racy_from = scan_start - RACY_WINDOW_NS
     entries = []
     to_hash = []
-    for rel, section, kind, st in scan_sections(root):
-        entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
-        entries.append(entry)
-        if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
-            continue
-        if section == EVENTS:
-            to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
-            continue
-        # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
-        racy = st.st_mtime_ns >= racy_from
-        digest = cache.get(rel, st) if cache is not None and not racy else None
-        if digest is None and trusted and not racy:
-            known = trusted.get(rel)
-            if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
-                digest = known[3]
-        if digest is not None:
-            entry[5] = digest
-            if cache is not None and rel not in cache.new:  # a cache hit is already kept
-                cache.put(rel, st, digest)
-        else:
-            to_hash.append((entry, st, True))
+    with gc_paused():
+        for rel, section, kind, st in scan_sections(root):
+            entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
+            entries.append(entry)
+            if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
+                continue
+            if section == EVENTS:
+                to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
+                continue
+            # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
+            racy = st.st_mtime_ns >= racy_from
+            digest = cache.get(rel, st) if cache is not None and not racy else None
+            if digest is None and trusted and not racy:
+                known = trusted.get(rel)
+                if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
+                    digest = known[3]
+            if digest is not None:
+                entry[5] = digest
+                if cache is not None and rel not in cache.new:  # a cache hit is already kept
+                    cache.put(rel, st, digest)
+            else:
+                to_hash.append((entry, st, True))
 
     done = [0, 0]
     lock = threading.Lock()
@@ -881,17 +912,18 @@ def verify_tree(root, expected, reread, algo, subtree=""):
     problems = []
     seen = set()
     stats = {}
-    for rel, kind, st in scan(root):
-        if prefix:
-            rel = prefix + rel
-        seen.add(rel)
-        stats[rel] = [st.st_ino, st.st_size, st.st_mtime_ns]
-        if kind != KIND_FILE:
-            problems.append([rel, "not a regular file (%s)" % kind])
-        elif rel not in expected:
-            problems.append([rel, "unexpected file"])
-        elif st.st_size != expected[rel][0]:
-            problems.append([rel, "size %d, expected %d" % (st.st_size, expected[rel][0])])
+    with gc_paused():
+        for rel, kind, st in scan(root):
+            if prefix:
+                rel = prefix + rel
+            seen.add(rel)
+            stats[rel] = [st.st_ino, st.st_size, st.st_mtime_ns]
+            if kind != KIND_FILE:
+                problems.append([rel, "not a regular file (%s)" % kind])
+            elif rel not in expected:
+                problems.append([rel, "unexpected file"])
+            elif st.st_size != expected[rel][0]:
+                problems.append([rel, "size %d, expected %d" % (st.st_size, expected[rel][0])])
     for rel in sorted(set(expected) - seen):
         problems.append([rel, "missing"])
     bad = set(p[0] for p in problems)

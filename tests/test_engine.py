@@ -185,6 +185,42 @@ def test_scan_of_a_missing_dir_is_empty(tmp_path: Path) -> None:
     assert engine.scan(str(tmp_path / "missing")) == []
 
 
+def test_the_collector_is_paused_during_a_scan_and_back_after_the_last_overlapping_one() -> None:
+    import gc
+
+    assert gc.isenabled()
+    first, second = engine.gc_paused(), engine.gc_paused()
+    first.__enter__()
+    assert not gc.isenabled()
+    second.__enter__()  # another scan, overlapping (threads)
+    first.__exit__(None, None, None)
+    assert not gc.isenabled(), "the collector came back while a scan still ran"
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    gc.disable()  # whoever turned it off keeps it off
+    try:
+        with engine.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_scan_that_fails_leaves_the_collector_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    (tmp_path / "records.parquet").write_bytes(b"x")
+
+    def fail(*_: Any) -> None:
+        assert not gc.isenabled()  # the scan ran paused
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(engine, "scan_sections", fail)
+    with pytest.raises(OSError):
+        engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
+    assert gc.isenabled()
+
+
 def test_manifest_entries(tmp_path: Path) -> None:
     files = {"records.parquet": b"PAR1", "_derived/a": b"derived", ".events.log": b"a\nb\nhalf"}
     write(tmp_path, files)

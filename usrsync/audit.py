@@ -206,8 +206,7 @@ def fill_sections(data: AuditData, cmp: Comparison, primary_shapes: tuple | None
     data.events = _events_report(cmp, cmp.events, not s[EVENTS].in_scope)
 
     snap = s[SNAPSHOTS]
-    local_snaps = [p for p in cmp.local if cmp.local[p].section == SNAPSHOTS]
-    newest_local = max(local_snaps, default="")
+    newest_local = max(snap.same + snap.differing + snap.local_only, default="")  # every local snapshot
     data.snapshots = SnapshotsReport(
         changed=snap.changed and snap.in_scope, skipped=not snap.in_scope,
         remote_count=snap.remote_files, local_count=snap.local_files,

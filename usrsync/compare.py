@@ -124,6 +124,27 @@ def _same(a: Entry, b: Entry, policy: Policy, primary_shapes: tuple | None) -> b
 
 
 _path = operator.attrgetter("path")
+_section = operator.attrgetter("section")
+_kind = operator.attrgetter("kind")
+_BLOCK = 1024  # entries compared at once by the C-level list comparison
+
+
+def _files(entries: list[Entry]) -> tuple[list[Entry], list[str]]:
+    """The file entries, and the paths of the others (symlinks, devices, bad names): usually none."""
+    if list(map(_kind, entries)).count(KIND_FILE) == len(entries):
+        return entries, []
+    return [e for e in entries if e.kind == KIND_FILE], [e.path for e in entries if e.kind != KIND_FILE]
+
+
+def _unequal(lfiles: list[Entry], rfiles: list[Entry]) -> list[int]:
+    """Indices where two equally long lists hold unequal entries. Block by block: the equal
+    stretches, nearly all of a daily run, cost one C-level comparison of slices each."""
+    unequal: list[int] = []
+    for start in range(0, len(lfiles), _BLOCK):
+        stop = min(start + _BLOCK, len(lfiles))
+        if lfiles[start:stop] != rfiles[start:stop]:
+            unequal += [i for i in range(start, stop) if lfiles[i] != rfiles[i]]
+    return unequal
 
 
 def _same_paths(lfiles: list[Entry], rfiles: list[Entry], sections: dict[str, SectionDelta], policy: Policy,
@@ -135,14 +156,22 @@ def _same_paths(lfiles: list[Entry], rfiles: list[Entry], sections: dict[str, Se
     """
     if len(lfiles) != len(rfiles) or (primary_shapes is not None and primary_shapes[0] != primary_shapes[1]):
         return False
-    unequal = [i for i, (a, b) in enumerate(zip(lfiles, rfiles)) if a != b]
+    unequal = _unequal(lfiles, rfiles)
     if any(lfiles[i].path != rfiles[i].path for i in unequal):
         return False
-    differing = {i for i in unequal if not _same(lfiles[i], rfiles[i], policy, primary_shapes)}
-    for i, a in enumerate(lfiles):
-        delta = sections[a.section]
-        (delta.differing if i in differing else delta.same).append(a.path)
+    differing = {lfiles[i].path for i in unequal if not _same(lfiles[i], rfiles[i], policy, primary_shapes)}
+    # A section's paths form runs in sorted order (auxiliary ones may be split by the top-level
+    # files): each run is moved in one slice.
+    paths = list(map(_path, lfiles))
+    start = 0
+    for section, run in itertools.groupby(map(_section, lfiles)):
+        stop = start + len(list(run))
+        sections[section].same += paths[start:stop]
+        start = stop
     for delta in sections.values():
+        if differing and any(p in differing for p in delta.same):
+            delta.differing = [p for p in delta.same if p in differing]
+            delta.same = [p for p in delta.same if p not in differing]
         delta.local_files = delta.remote_files = len(delta.same) + len(delta.differing)
     return True
 
@@ -184,9 +213,11 @@ def compare(
     primary_shapes: tuple | None = None,
 ) -> Comparison:
     """Per-section delta of two manifests: every file path lands in exactly one bucket."""
-    lmap = {e.path: e for e in local.entries if e.kind == KIND_FILE}
-    rmap = {e.path: e for e in remote.entries if e.kind == KIND_FILE}
-    specials = sorted({e.path for e in itertools.chain(local.entries, remote.entries) if e.kind != KIND_FILE})
+    lfiles, lspecials = _files(local.entries)
+    rfiles, rspecials = _files(remote.entries)
+    lmap = dict(zip(map(_path, lfiles), lfiles))
+    rmap = dict(zip(map(_path, rfiles), rfiles))
+    specials = sorted(set(lspecials + rspecials))
     sections = {s: SectionDelta(section=s, in_scope=policy.in_scope(s)) for s in SECTIONS}
     # Manifests come sorted by path, so sorting is a linear pass and the compare one merge.
     lfiles = sorted(lmap.values(), key=_path)

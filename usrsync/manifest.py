@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import operator
 import os
 import re
 import threading
@@ -17,6 +19,7 @@ from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
 from usrsync.errors import ProtocolError
 
 KIND_FILE = engine.KIND_FILE
+_path = operator.attrgetter("path")
 # Hashing progress: (files, bytes) hashed so far of (total_files, total_bytes) to hash.
 HashProgress = Callable[[int, int, int, int], None]
 
@@ -41,15 +44,16 @@ class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
 class Manifest(msgspec.Struct):
     exists: bool
     algo: str
-    entries: list[Entry]
+    entries: list[Entry]  # sorted by path, each path once (the engine sorts; a remote's are checked)
     digest: str | None = None  # the agent's digest of a remote manifest (see usrsync.manifest_copy)
 
     def by_path(self) -> dict[str, Entry]:
         return {e.path: e for e in self.entries}
 
     def get(self, path: str) -> Entry | None:
-        """One entry, without building a dict of them all."""
-        return next((e for e in self.entries if e.path == path), None)
+        """One entry, found by bisection: no dict of them all, no pass over them."""
+        i = bisect.bisect_left(self.entries, path, key=_path)
+        return self.entries[i] if i < len(self.entries) and self.entries[i].path == path else None
 
     def files(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == KIND_FILE]
