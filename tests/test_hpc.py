@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import marshal
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,8 @@ import tomli_w
 from helpers import BASE_FILES, DATASET, Sides, load_audit, wait_for, write_tree
 from rig import SshRig
 
-from usrsync.transport.ssh import agent_source
+from remote_agent import usrsync_agent as engine
+from usrsync.transport.ssh import LOADER, agent_source
 
 
 def configure(sides: Sides, **profile: Any) -> None:
@@ -173,7 +176,9 @@ def test_agent_deploys_over_exec_channel_when_sftp_is_broken(noisy_rig: SshRig, 
     assert r.returncode == 0, r.stderr
     assert data["transfer_state"] == "DIFF-ONLY"
     deployed = agents / digest[:16] / "usrsync_agent.py"
-    assert [p for p in agents.rglob("*") if p.is_file()] == [deployed]
+    files = sorted(p for p in agents.rglob("*") if p.is_file())
+    assert files[0] == deployed and len(files) == 2, files  # and the loader's compiled code
+    assert files[1].name.startswith("usrsync_agent.py.") and files[1].suffix == ".code"
     assert hashlib.sha256(deployed.read_bytes()).hexdigest() == digest
 
     # A corrupted copy fails the loader's hash check: it is uploaded again, never run.
@@ -182,7 +187,51 @@ def test_agent_deploys_over_exec_channel_when_sftp_is_broken(noisy_rig: SshRig, 
     assert r.returncode == 0, r.stderr
     assert data["transfer_state"] == "DIFF-ONLY"
     assert hashlib.sha256(deployed.read_bytes()).hexdigest() == digest
-    assert [p for p in agents.rglob("*") if p.is_file()] == [deployed]
+    assert sorted(p for p in agents.rglob("*") if p.is_file()) == files
+
+
+def _load(agent: Path, digest: str) -> subprocess.CompletedProcess:
+    """The loader as the remote runs it (with no serve arguments the agent prints its usage, exit 2)."""
+    return subprocess.run([sys.executable, "-c", LOADER, str(agent), digest], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_the_loader_runs_only_the_agent_it_was_told_and_keeps_its_compiled_code(tmp_path: Path) -> None:
+    source = agent_source()
+    digest = hashlib.sha256(source).hexdigest()
+    agent = tmp_path / "usrsync_agent.py"
+    assert _load(agent, digest).returncode == engine.EXIT_AGENT_MISSING
+    agent.write_bytes(source + b"\n")
+    assert _load(agent, digest).returncode == engine.EXIT_AGENT_MISMATCH
+    agent.write_bytes(source)
+
+    first = _load(agent, digest)
+    assert (first.returncode, first.stderr) == (2, "usage: usrsync_agent.py serve NONCE\n")
+    [code] = [p for p in tmp_path.iterdir() if p.suffix == ".code"]  # nothing else: no temporary left
+
+    # Kept code is what runs next time, as long as it is bound to this very source.
+    foreign = marshal.dumps(compile("raise SystemExit('kept code ran')", "x", "exec"))
+    code.write_bytes(hashlib.sha256(foreign + source).hexdigest().encode() + foreign)
+    assert _load(agent, digest).stderr == "kept code ran\n"
+    # Code kept for another source, or damaged, is compiled again from the checked source.
+    for stale in (hashlib.sha256(foreign + b"another agent").hexdigest().encode() + foreign,
+                  code.read_bytes()[:-7], b""):
+        code.write_bytes(stale)
+        again = _load(agent, digest)
+        assert (again.returncode, again.stderr) == (2, "usage: usrsync_agent.py serve NONCE\n")
+        kept = code.read_bytes()
+        assert kept[:64] == hashlib.sha256(kept[64:] + source).hexdigest().encode() and foreign not in kept
+
+
+def test_the_loader_runs_when_its_code_cannot_be_kept(tmp_path: Path) -> None:
+    source = agent_source()
+    agent = tmp_path / "usrsync_agent.py"
+    agent.write_bytes(source)
+    blocked = tmp_path / f"usrsync_agent.py.{sys.implementation.name}-{sys.hexversion:x}.code"
+    blocked.mkdir()  # neither readable as a file nor replaceable: like a full or read-only home
+    done = _load(agent, hashlib.sha256(source).hexdigest())
+    assert (done.returncode, done.stderr) == (2, "usage: usrsync_agent.py serve NONCE\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [agent.name, blocked.name]  # no temporary left
 
 
 # --------------------------------------------------------------------------- old remote Python
