@@ -76,6 +76,10 @@ class TransferPlan(msgspec.Struct, kw_only=True):
         """What every path below the subtree starts with ("" for the whole dataset)."""
         return self.subtree + "/" if self.subtree else ""
 
+    def expected_lists(self) -> dict[str, list]:
+        """`expected` as the engine's verify_tree takes it: {path: [size, digest]}."""
+        return {p: [t.size, t.digest] for p, t in self.expected.items()}
+
     def staged(self, path: str) -> str:
         """A path of this plan relative to the staged subtree (as rsync's file list wants it)."""
         return path[len(self.prefix):]

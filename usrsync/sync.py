@@ -508,7 +508,7 @@ class Run:
                 basis = str(live) if live.is_dir() else None
                 await self._rsync(plan, self.session.transport.rsync_endpoint(source + "/"), staging + "/", basis)
             engine.checkpoint("after-rsync")
-            expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
+            expected = plan.expected_lists()
             result, linked = await self._check_before_promotion(
                 policy, plan, asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree),
                 "the staged copy", ("remote", remote), ("local", local))
@@ -539,7 +539,7 @@ class Run:
                                   session.transport.rsync_endpoint(staged.staging + "/"),
                                   live if remote.exists else None)
             engine.checkpoint("after-rsync")
-            expected = {p: [t.size, t.digest] for p, t in plan.expected.items()}
+            expected = plan.expected_lists()
             await self._check_before_promotion(
                 policy, plan, session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                        algo=self.algo, staging=True, subtree=plan.subtree),
