@@ -15,6 +15,7 @@ from helpers import (
     BASE_FILES,
     DATASET,
     Sides,
+    leftovers,
     load_audit,
     pause_env,
     paused_pid,
@@ -181,6 +182,26 @@ def test_pull_moves_only_the_changed_file_of_many(sides: Sides) -> None:
     # Linked or left in place, all 199 unchanged files are the very same inodes.
     after = {p: (sides.local / p).stat().st_ino for p in files}
     assert [p for p in files if after[p] != inodes[p]] == [changed]
+
+
+def test_without_a_local_rsync_a_copy_fails_cleanly_and_a_no_op_or_diff_does_not_need_one(sides: Sides) -> None:
+    sides.seed_both()
+    no_rsync = {"PATH": str(sides.root / "empty-bin")}  # the CLI runs by absolute path; rsync is not found
+    for action in ("diff", "pull", "push"):
+        r = sides.run(action, "--audit-json-out", str(sides.root / f"{action}-noop.json"), env=no_rsync)
+        assert (r.returncode, r.stderr) == (0, "")
+    (sides.remote / "meta.md").write_bytes(b"# changed on the remote\n")
+    before = tree_state(sides.local)
+
+    r = sides.run("pull", "--audit-json-out", str(sides.root / "pull.json"), env=no_rsync)
+
+    assert r.returncode == 2, r.stderr
+    assert "rsync not found: 'rsync'" in r.stderr and "install rsync" in r.stderr
+    assert "Traceback" not in r.stderr
+    audit = load_audit(sides.root / "pull.json")
+    assert (audit["transfer_state"], audit["error"]["kind"]) == ("FAILED", "config")
+    assert tree_state(sides.local) == before  # nothing promoted
+    assert leftovers(sides.root) == [] and leftovers(sides.base) == []
 
 
 # --- locks ------------------------------------------------------------------------------------
