@@ -12,16 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from remote_agent import usrsync_agent as engine
-from usrsync.compare import (
-    EventsLines,
-    EventsState,
-    Policy,
-    SectionDelta,
-    _merge,
-    _same_paths,
-    compare,
-    events_relation,
-)
+from usrsync.compare import EventsLines, EventsState, Policy, compare, events_relation
 from usrsync.dataset import AUXILIARY, DERIVED, EVENTS, META, PRIMARY, SECTIONS, SNAPSHOTS, classify
 from usrsync.manifest import Entry, Manifest
 
@@ -346,29 +337,3 @@ def test_events_state_round_trips_through_msgspec() -> None:
     s = events_relation(lines_of(b"a\n"), lines_of(b"a\nb\n"))
     assert msgspec.json.decode(msgspec.json.encode(s), type=EventsState) == s
 
-
-# Big enough for several of the fast path's blocks, with auxiliary runs split by top-level files.
-MANY_PATHS = sorted(["records.parquet", "meta.md", ".events.log", "aaa/first.txt", "zzz/last.txt"]
-                    + [f"_derived/d{i // 100:02d}/p{i:05d}" for i in range(2500)]
-                    + [f"_snapshots/s{i:04d}.parquet" for i in range(700)]
-                    + [f"m/aux{i:04d}" for i in range(300)])
-
-
-# Indices near the block edges, where an off-by-one would hide a change, and anywhere else.
-MANY_INDICES = st.sets(st.sampled_from([0, 1, 1022, 1023, 1024, 2047, 2048, 3071, 3072, len(MANY_PATHS) - 1])
-                       | st.integers(0, len(MANY_PATHS) - 1), max_size=12)
-
-
-@settings(max_examples=100, deadline=None)
-@given(MANY_INDICES, MANY_INDICES, policies)
-def test_the_same_paths_fast_path_buckets_as_the_merge_does(changed, touched, policy) -> None:
-    """Contents differ at `changed`, mtimes at `touched`, anywhere in or across the 1024-entry blocks."""
-    lfiles = {p: (b"a", OLD_MTIME_NS) for p in MANY_PATHS}
-    rfiles = {p: (b"b" if i in changed else b"a", OLD_MTIME_NS + (i in touched)) for i, p in enumerate(MANY_PATHS)}
-    local, remote = build(lfiles, policy).entries, build(rfiles, policy).entries
-    fast = {s: SectionDelta(section=s) for s in SECTIONS}
-    merged = {s: SectionDelta(section=s) for s in SECTIONS}
-    assert _same_paths(local, remote, fast, policy, None)
-    _merge(local, remote, merged, policy, None)
-    assert fast == merged
-    assert sum(len(d.differing) for d in fast.values()) <= len(changed | touched)

@@ -25,10 +25,12 @@ from remote_agent import usrsync_agent as engine
 from usrsync import compare as compare_mod
 from usrsync import config, manifest_copy
 from usrsync import session as session_mod
+from usrsync import sync as sync_mod
 from usrsync.compare import Policy, SectionDelta, compare
 from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
 from usrsync.errors import ProtocolError, RemoteError
 from usrsync.manifest import Entry, Manifest, validate_remote_entries
+from usrsync.plan import FileTarget, TransferPlan
 from usrsync.session import RemoteSession
 
 OLD = 1_700_000_000
@@ -393,6 +395,26 @@ def test_same_paths_fast_path_equals_the_merge(left: list, right: list, policy: 
     assert compare(local, remote, policy).sections == merged(local, remote, policy)
 
 
+# Several of the fast path's 1024-entry blocks, with auxiliary runs split by top-level files.
+MANY_PATHS = sorted(["records.parquet", "meta.md", ".events.log", "aaa/first.txt", "zzz/last.txt"]
+                    + [f"_derived/d{i // 100:02d}/p{i:05d}" for i in range(2500)]
+                    + [f"_snapshots/s{i:04d}.parquet" for i in range(700)]
+                    + [f"m/aux{i:04d}" for i in range(300)])
+# Indices near the block edges, where an off-by-one would hide a change, and anywhere else.
+MANY_INDICES = st.sets(st.sampled_from([0, 1, 1022, 1023, 1024, 2047, 2048, 3071, 3072, len(MANY_PATHS) - 1])
+                       | st.integers(0, len(MANY_PATHS) - 1), max_size=12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(MANY_INDICES, MANY_INDICES, policies)
+def test_the_fast_path_finds_every_change_across_its_blocks(changed: set, touched: set, policy: Policy) -> None:
+    """Contents differ at `changed`, mtimes at `touched`."""
+    local = Manifest(exists=True, algo="sha256", entries=[entry(p, b"a", OLD * 10**9) for p in MANY_PATHS])
+    remote = Manifest(exists=True, algo="sha256", entries=[
+        entry(p, b"b" if i in changed else b"a", (OLD + (i in touched)) * 10**9) for i, p in enumerate(MANY_PATHS)])
+    assert compare(local, remote, policy).sections == merged(local, remote, policy)
+
+
 def test_same_paths_with_different_parquet_shapes_are_not_the_same() -> None:
     files = Manifest(exists=True, algo="sha256", entries=[entry("records.parquet", b"PAR1")])
     cmp = compare(files, files, Policy(verify="parquet"), primary_shapes=([1, 2], [3, 2]))
@@ -433,3 +455,52 @@ def test_a_lying_section_deep_in_a_checked_directory_is_caught() -> None:
     entries[700] = msgspec.structs.replace(entries[700], section="primary")
     with pytest.raises(ProtocolError, match="in section 'primary'"):
         validate_remote_entries(entries)
+
+
+# --- after promotion: the bisected split and the outside fast path agree with filtering every path --
+
+SPLIT_NAMES = ["a", "b", "b0", "b.txt", "b-c", "b!", "ba", "_derived", "é"]
+split_paths = st.sets(st.lists(st.sampled_from(SPLIT_NAMES), min_size=1, max_size=3).map("/".join), max_size=14)
+
+
+@settings(max_examples=300, deadline=None)
+@given(split_paths, st.lists(st.sampled_from(SPLIT_NAMES), max_size=2).map("/".join))
+def test_split_is_filtering_by_prefix(paths: set, directory: str) -> None:
+    files = Manifest(exists=True, algo="sha256", entries=[entry(p, b"x") for p in sorted(paths)])
+    prefix = directory + "/" if directory else ""
+    outside, below = files.split(prefix)
+    assert below == [e for e in files.entries if e.path.startswith(prefix)]
+    assert outside == [e for e in files.entries if not e.path.startswith(prefix)]
+
+
+def after_promotion_by_filtering(dest: Manifest, source: Manifest, plan: TransferPlan, policy: Policy) -> bool:
+    kept = [f for f in sync_mod.files_of(dest.entries, policy) if plan.prefix and not f[0].startswith(plan.prefix)]
+    promoted = [(p, t.size, t.digest) for p, t in plan.expected.items() if policy.in_scope(classify(p))]
+    return sorted(kept + promoted) == sync_mod.files_of(source.entries, policy)
+
+
+side_contents = st.dictionaries(st.sampled_from(["_derived/a/x", "_derived/a/y", "_derived/b", "_snapshots/s",
+                                                 "records.parquet", "notes/n"]),
+                                st.tuples(st.sampled_from([b"1", b"2", b"33"]), st.integers(0, 1)), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(side_contents, side_contents, st.sampled_from(["", "_derived", "_derived/a"]), side_contents,
+       st.builds(Policy, skip_snapshots=st.booleans(), primary_only=st.booleans()))
+def test_in_sync_after_promotion_is_the_filtered_comparison(dest: dict, source: dict, subtree: str, staged: dict,
+                                                             policy: Policy) -> None:
+    def manifest(files: dict) -> Manifest:
+        return Manifest(exists=True, algo="sha256",
+                        entries=[entry(p, d, (OLD + m) * 10**9) for p, (d, m) in sorted(files.items())])
+
+    prefix = subtree + "/" if subtree else ""
+    expected = {p: FileTarget(len(d), sha(d)) for p, (d, _) in staged.items() if p.startswith(prefix)}
+    plan = TransferPlan(direction="pull", subtree=subtree, copy=[], link=[], delete=[], expected=expected, reread=[],
+                        bytes=0, bootstrap=False)
+    for dest_files in (dest, source):  # the second: outside the subtree nothing differs
+        args = (manifest(dest_files), manifest(source), plan, policy)
+        assert sync_mod.in_sync_after_promotion(*args) == after_promotion_by_filtering(*args)
+    # What a good transfer leaves: the source everywhere, below the subtree as planned.
+    done = msgspec.structs.replace(plan, expected={p: FileTarget(len(d), sha(d)) for p, (d, _) in source.items()
+                                                   if p.startswith(prefix)})
+    assert sync_mod.in_sync_after_promotion(manifest(source), manifest(source), done, policy)

@@ -58,6 +58,15 @@ class Manifest(msgspec.Struct):
     def files(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == KIND_FILE]
 
+    def split(self, prefix: str) -> tuple[list[Entry], list[Entry]]:
+        """(entries outside, entries below) a directory given as "dir/" ("" = all below). Sorted
+        paths that start with "dir/" sit between "dir/" and "dir0" ('0' follows '/'): two bisections."""
+        if not prefix:
+            return [], self.entries
+        lo = bisect.bisect_left(self.entries, prefix, key=_path)
+        hi = bisect.bisect_left(self.entries, prefix[:-1] + "0", key=_path)
+        return self.entries[:lo] + self.entries[hi:], self.entries[lo:hi]
+
 
 # A file name that may make a path unsafe or change its section: the full checks run on those.
 _UNPLAIN_NAME_RE = re.compile(r"^\.{0,2}$|[\x00\n\r]|" + "|".join(re.escape(n) for n in sorted(engine.RUNTIME_ANY_NAMES)))

@@ -35,7 +35,7 @@ from usrsync.errors import (
     VerificationError,
 )
 from usrsync.locks import acquire_local_lock
-from usrsync.manifest import KIND_FILE, HashProgress, Manifest, local_manifest
+from usrsync.manifest import KIND_FILE, Entry, HashProgress, Manifest, local_manifest
 from usrsync.manifest import cached_algo as manifest_cached_algo
 from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
 from usrsync.session import RemoteSession, VerifyReply
@@ -571,7 +571,7 @@ class Run:
 
     def _post(self, policy: Policy, plan: TransferPlan, dest_before: Manifest, source: Manifest,
               reread: VerifyReply, live_problems: list) -> None:
-        in_sync = not live_problems and files_after_promotion(dest_before, plan, policy) == files_of(source, policy)
+        in_sync = not live_problems and in_sync_after_promotion(dest_before, source, plan, policy)
         self.data.post = audit.PostReport(verified=not live_problems, in_sync=in_sync, checked_files=reread.checked,
                                           checked_bytes=reread.bytes,
                                           problems=[f"{p}: {why}" for p, why in live_problems])
@@ -580,30 +580,34 @@ class Run:
                                     "rerun the same command; if it persists, something else writes there")
 
 
-def files_of(manifest: Manifest, policy: Policy | None = None) -> list[tuple[str, int, str]]:
-    """(path, size, digest) of a manifest's files in path order; those in `policy`'s scope when given."""
+def files_of(entries: list[Entry], policy: Policy | None = None) -> list[tuple[str, int, str]]:
+    """(path, size, digest) of the files among `entries`, in order; those in `policy`'s scope when given."""
     sections = SECTIONS if policy is None else {s for s in SECTIONS if policy.in_scope(s)}
-    return [(e.path, e.size, e.digest) for e in manifest.entries if e.kind == KIND_FILE and e.section in sections]
+    return [(e.path, e.size, e.digest) for e in entries if e.kind == KIND_FILE and e.section in sections]
 
 
 def same_files(now: Manifest, before: Manifest, policy: Policy | None = None) -> bool:
     """Whether two manifests hold the same files (in `policy`'s scope when given), by content."""
-    return now.entries == before.entries or files_of(now, policy) == files_of(before, policy)
+    return now.entries == before.entries or files_of(now.entries, policy) == files_of(before.entries, policy)
 
 
-def files_after_promotion(dest_before: Manifest, plan: TransferPlan, policy: Policy) -> list[tuple[str, int, str]]:
-    """The destination's in-scope files once `plan` is promoted and its directory checked: outside
-    the subtree as its manifest showed them (rescanned right before the exchange, which touches
-    nothing else), below it exactly `plan.expected`."""
-    kept = [f for f in files_of(dest_before, policy) if plan.prefix and not f[0].startswith(plan.prefix)]
-    promoted = [(p, t.size, t.digest) for p, t in plan.expected.items() if policy.in_scope(classify(p))]
-    return sorted(kept + promoted)
+def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: TransferPlan, policy: Policy) -> bool:
+    """Whether the destination's in-scope files equal the source's once `plan` is promoted and its
+    directory checked: outside the subtree as its manifest showed them (rescanned right before the
+    exchange, which touches nothing else), below it exactly `plan.expected`."""
+    dest_outside, _ = dest_before.split(plan.prefix)
+    source_outside, source_below = source.split(plan.prefix)
+    # Identical entries (mtimes included) are the same files: the usual case costs one C-level pass.
+    if dest_outside != source_outside and files_of(dest_outside, policy) != files_of(source_outside, policy):
+        return False
+    promoted = [(p, t.size, t.digest) for p, t in sorted(plan.expected.items()) if policy.in_scope(classify(p))]
+    return promoted == files_of(source_below, policy)
 
 
 def linked_digests(plan: TransferPlan, staged: VerifyReply, dest_before: Manifest) -> dict[str, list]:
     """build_manifest's `trusted` for the files staging hard-linked: each one's digest from the
     manifest that planned the link, while its inode (as staged) still has that size and mtime."""
-    before = {e.path: e for e in dest_before.entries if e.path.startswith(plan.prefix)}
+    before = {e.path: e for e in dest_before.split(plan.prefix)[1]}
     trusted = {}
     for path in plan.link:
         entry, stat = before.get(path), staged.stats.get(path)
