@@ -190,7 +190,7 @@ def fill_sections(data: AuditData, cmp: Comparison, primary_shapes: tuple | None
         return sorted(section_relative(p, section) for p in paths)
 
     s = cmp.sections
-    lp, rp = cmp.local.get("records.parquet"), cmp.remote.get("records.parquet")
+    lp, rp = cmp.find("local", "records.parquet"), cmp.find("remote", "records.parquet")
     data.primary = PrimaryReport(
         changed=s[PRIMARY].changed and s[PRIMARY].in_scope,
         local_hash=_entry_attr(lp, "digest") or None, remote_hash=_entry_attr(rp, "digest") or None,
@@ -198,7 +198,7 @@ def fill_sections(data: AuditData, cmp: Comparison, primary_shapes: tuple | None
         local_shape=list(primary_shapes[0]) if primary_shapes and primary_shapes[0] else None,
         remote_shape=list(primary_shapes[1]) if primary_shapes and primary_shapes[1] else None,
     )
-    lm, rm = cmp.local.get("meta.md"), cmp.remote.get("meta.md")
+    lm, rm = cmp.find("local", "meta.md"), cmp.find("remote", "meta.md")
     data.meta = MetaReport(
         changed=s[META].changed and s[META].in_scope, skipped=not s[META].in_scope,
         local_hash=_entry_attr(lm, "digest") or None, remote_hash=_entry_attr(rm, "digest") or None,
@@ -228,8 +228,8 @@ def fill_sections(data: AuditData, cmp: Comparison, primary_shapes: tuple | None
 def _events_report(cmp: Comparison, state: EventsState | None, skipped: bool) -> EventsReport:
     delta = cmp.sections[EVENTS]
     if state is None:
-        local = _entry_attr(cmp.local.get(EVENTS), "lines") or 0
-        remote = _entry_attr(cmp.remote.get(EVENTS), "lines") or 0
+        local = _entry_attr(cmp.find("local", EVENTS), "lines") or 0
+        remote = _entry_attr(cmp.find("remote", EVENTS), "lines") or 0
         return EventsReport(changed=delta.changed and not skipped, local=local, remote=remote,
                             common=min(local, remote), skipped=skipped,
                             relation="equal" if not delta.changed else "unknown")

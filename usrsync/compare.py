@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from typing import Literal
@@ -9,7 +10,7 @@ from typing import Literal
 import msgspec
 
 from usrsync.dataset import AUXILIARY, DERIVED, PRIMARY, SECTIONS, SNAPSHOTS
-from usrsync.manifest import KIND_FILE, Entry, Manifest
+from usrsync.manifest import KIND_FILE, Entry, Manifest, find
 
 VerifyMode = Literal["hash", "size", "parquet"]
 Relation = Literal["equal", "local_ahead", "remote_ahead", "diverged"]
@@ -95,14 +96,26 @@ class SectionDelta(msgspec.Struct, kw_only=True):
         return bool(self.local_only or self.remote_only or self.differing)
 
 
-class Comparison(msgspec.Struct, kw_only=True):
+class Comparison(msgspec.Struct, kw_only=True, dict=True):
     sections: dict[str, SectionDelta]
-    local: dict[str, Entry]
-    remote: dict[str, Entry]
+    local_files: list[Entry]  # each side's files (no symlinks or specials), sorted by path
+    remote_files: list[Entry]
     local_exists: bool
     remote_exists: bool
     events: EventsState | None = None
     specials: list[str] = []  # symlinks, devices, bad names: reported, never transferred
+
+    # By path, built on first use: planning looks up most files, a diff only the few `find` serves.
+    @functools.cached_property
+    def local(self) -> dict[str, Entry]:
+        return dict(zip(map(_path, self.local_files), self.local_files))
+
+    @functools.cached_property
+    def remote(self) -> dict[str, Entry]:
+        return dict(zip(map(_path, self.remote_files), self.remote_files))
+
+    def find(self, side: Literal["local", "remote"], path: str) -> Entry | None:
+        return find(self.local_files if side == "local" else self.remote_files, path)
 
     @property
     def changed(self) -> bool:
@@ -213,18 +226,12 @@ def compare(
     primary_shapes: tuple | None = None,
 ) -> Comparison:
     """Per-section delta of two manifests: every file path lands in exactly one bucket."""
-    lfiles, lspecials = _files(local.entries)
+    lfiles, lspecials = _files(local.entries)  # sorted by path, as manifests are: the compare is one merge
     rfiles, rspecials = _files(remote.entries)
-    lmap = dict(zip(map(_path, lfiles), lfiles))
-    rmap = dict(zip(map(_path, rfiles), rfiles))
-    specials = sorted(set(lspecials + rspecials))
     sections = {s: SectionDelta(section=s, in_scope=policy.in_scope(s)) for s in SECTIONS}
-    # Manifests come sorted by path, so sorting is a linear pass and the compare one merge.
-    lfiles = sorted(lmap.values(), key=_path)
-    rfiles = sorted(rmap.values(), key=_path)
     if not _same_paths(lfiles, rfiles, sections, policy, primary_shapes):
         _merge(lfiles, rfiles, sections, policy, primary_shapes)
     return Comparison(
-        sections=sections, local=lmap, remote=rmap, local_exists=local.exists,
-        remote_exists=remote.exists, events=events, specials=specials,
+        sections=sections, local_files=lfiles, remote_files=rfiles, local_exists=local.exists,
+        remote_exists=remote.exists, events=events, specials=sorted(set(lspecials + rspecials)),
     )

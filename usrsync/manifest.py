@@ -51,9 +51,7 @@ class Manifest(msgspec.Struct):
         return {e.path: e for e in self.entries}
 
     def get(self, path: str) -> Entry | None:
-        """One entry, found by bisection: no dict of them all, no pass over them."""
-        i = bisect.bisect_left(self.entries, path, key=_path)
-        return self.entries[i] if i < len(self.entries) and self.entries[i].path == path else None
+        return find(self.entries, path)
 
     def files(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == KIND_FILE]
@@ -66,6 +64,12 @@ class Manifest(msgspec.Struct):
         lo = bisect.bisect_left(self.entries, prefix, key=_path)
         hi = bisect.bisect_left(self.entries, prefix[:-1] + "0", key=_path)
         return self.entries[:lo] + self.entries[hi:], self.entries[lo:hi]
+
+
+def find(entries: list[Entry], path: str) -> Entry | None:
+    """The entry of `path` among path-sorted entries, by bisection: no dict of them all, no pass over them."""
+    i = bisect.bisect_left(entries, path, key=_path)
+    return entries[i] if i < len(entries) and entries[i].path == path else None
 
 
 # A file name that may make a path unsafe or change its section: the full checks run on those.
