@@ -1419,25 +1419,25 @@ class Agent(object):
             if cache is not None:
                 cache.save()
         reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
-        chunks = list(manifest_chunks(entries)) if "known" in args else \
-            [entries[i:i + CHUNK_ENTRIES] for i in range(0, len(entries), CHUNK_ENTRIES)]
+        chunks = [entries[i:i + CHUNK_ENTRIES] for i in range(0, len(entries), CHUNK_ENTRIES)]
         known_chunks = ()
         if "known" in args:
             # The orchestrator keeps the last manifest we sent, in chunks whose ends depend only on
             # paths, and tells us its digests: a no-op run sends a digest instead of every entry,
             # and a run with a few changes sends only the chunks holding them. marshal format 2
             # (no back-references) is deterministic and half the cost of JSON-encoding for this.
+            # The digest runs over fixed slices; the chunks are cut only when something is sent
+            # (a no-op run's digest of 100k entries: 0.115 s with the cuts, 0.062 s without).
             digest = hashlib.sha256(marshal.dumps([exists, args["algo"], root], 2))
-            layout = []
             for chunk in chunks:
-                blob = marshal.dumps(chunk, 2)
-                digest.update(blob)
-                layout.append([hashlib.sha256(blob).hexdigest()[:32], len(chunk)])
+                digest.update(marshal.dumps(chunk, 2))
             reply["digest"] = digest.hexdigest()
             reply["unchanged"] = args["known"] == reply["digest"]
             if reply["unchanged"]:
                 return reply
-            reply["chunks"] = layout
+            chunks = list(manifest_chunks(entries))
+            reply["chunks"] = [[hashlib.sha256(marshal.dumps(chunk, 2)).hexdigest()[:32], len(chunk)]
+                               for chunk in chunks]
             known_chunks = set(args.get("known_chunks") or ())
         head = '{"id":%s,"type":"chunk","items":' % json.dumps(rid)
         for i, chunk in enumerate(chunks):

@@ -47,9 +47,6 @@ class Manifest(msgspec.Struct):
     entries: list[Entry]  # sorted by path, each path once (the engine sorts; a remote's are checked)
     digest: str | None = None  # the agent's digest of a remote manifest (see usrsync.manifest_copy)
 
-    def by_path(self) -> dict[str, Entry]:
-        return {e.path: e for e in self.entries}
-
     def get(self, path: str) -> Entry | None:
         return find(self.entries, path)
 
