@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import pwd
 import resource
 import shutil
 import statistics
@@ -53,15 +54,16 @@ class Scale:
     big_files: int  # S2-S5 tree: this many files of big_size bytes
     big_size: int
     s6_entries: int  # entries per manifest in S6
+    s6_run_files: int  # S6 as a run: empty files in the tree usr diff scans on both sides
     reps: int  # runs per side of the cheap scenarios
     big_reps: int  # runs per side of the scenarios that read or move the big files
     anchor_sample: int  # S1 anchor: files actually hashed over ssh (the rest is extrapolated)
     big_anchor_sample: int  # S2 anchor: the same for the big files
 
 
-FULL = Scale("full", 100_000, 100, 8, 1 << 30, 1_000_000, reps=5, big_reps=3, anchor_sample=100,
+FULL = Scale("full", 100_000, 100, 8, 1 << 30, 1_000_000, 1_000_000, reps=5, big_reps=3, anchor_sample=100,
              big_anchor_sample=2)
-QUICK = Scale("quick", 5_000, 10, 4, 64 << 20, 100_000, reps=3, big_reps=3, anchor_sample=30,
+QUICK = Scale("quick", 5_000, 10, 4, 64 << 20, 100_000, 50_000, reps=3, big_reps=3, anchor_sample=30,
               big_anchor_sample=5)
 
 
@@ -142,6 +144,17 @@ def write_small_tree(root: Path, files: int, dirs: int) -> None:
         if i % per_dir == 0:
             d.mkdir()
         (d / f"f{i:06d}.bin").write_bytes(pool[i:i + BLOCK])
+
+
+def write_empty_tree(root: Path, files: int) -> None:
+    """A dataset of `files` empty files, 1000 per dir under _derived/: entries without bytes."""
+    (root / "_derived").mkdir(parents=True)
+    (root / "records.parquet").write_bytes(os.urandom(BLOCK))
+    for i in range(files):
+        d = root / "_derived" / f"d{i // 1000:04d}"
+        if i % 1000 == 0:
+            d.mkdir()
+        os.close(os.open(d / f"part-{i:07d}", os.O_WRONLY | os.O_CREAT, 0o644))
 
 
 def write_big_tree(root: Path, files: int, size: int) -> None:
@@ -402,6 +415,51 @@ class Bench:
                              note=f"peak RSS of the whole process (interpreter and imports: "
                                   f"{runs[0]['baseline_mb']:.0f} MB); compare {runs[0]['compare_s']:.1f} s, "
                                   f"plan {runs[0]['plan_s']:.1f} s"))
+
+    def s6_run(self) -> None:
+        """Peak RSS of both processes of a real usr diff over a tree of many (empty) files."""
+        n = self.scale.s6_run_files
+        self.log(f"S6 as a run: building {n:,} empty files (remote), copy with cp -a (local)")
+        remote = self.remote_dir("small", "s6")
+        write_empty_tree(remote, n)
+        (self.small / "local").mkdir(exist_ok=True)
+        subprocess.run(["cp", "-a", str(remote), str(self.small / "local" / "s6")], check=True)
+        self.chown(self.small / "remote")
+        for what, how in (("first", "every file hashed, every entry sent"),
+                          ("no-op", "hash caches and the manifest copy warm")):
+            self.log(f"S6 as a run: {what} usr diff, polling both processes' peak RSS")
+            peaks, data = self.usr_peaks("diff", "s6", "small", self.small / "local")
+            self.expect_in_sync(data, "S6 as a run")
+            self.rows.append(Row(f"S6 as a run: {what} `usr diff` of {n:,} files", "`usr` peak RSS", "agent peak RSS",
+                                 "MB", [peaks["usr"]], [peaks["agent"]], "", absolute=True,
+                                 note=f"{how}; empty files (the memory is per entry); peaks sampled every 20 ms"))
+        shutil.rmtree(remote)
+        shutil.rmtree(self.small / "local" / "s6")
+
+    def usr_peaks(self, action: str, dataset: str, remote: str, root: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        """Run usr like usr() while sampling the peak RSS (VmHWM) of it and of the remote agent."""
+        self.counter += 1
+        audit = self.work / "audits" / f"{self.counter:04d}.json"
+        audit.parent.mkdir(exist_ok=True)
+        argv = [sys.executable, "-m", "usrsync", "--remotes-config", str(self.config), "--root", str(root),
+                action, dataset, remote, "--audit-json-out", str(audit)]
+        peaks = {"usr": 0.0, "agent": 0.0}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=self.env, text=True)
+        uid = pwd.getpwnam(self.rig.user).pw_uid
+        deadline = time.monotonic() + 3600
+        while proc.poll() is None and time.monotonic() < deadline:
+            # The agent runs as the login user, started by sshd (again after a first deployment).
+            agents = [pid for pid, cmd in rigmod.processes_of_uid(uid) if "usrsync_agent" in cmd and " serve " in cmd]
+            for who, pid in [("usr", proc.pid)] + [("agent", pid) for pid in agents]:
+                hwm = rigmod.proc_status(pid).get("VmHWM", "")
+                if hwm.endswith(" kB"):
+                    peaks[who] = max(peaks[who], int(hwm[:-3]) * 1024 / 1e6)
+            time.sleep(0.02)
+        _, stderr = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"usr {action} {dataset} exited {proc.returncode}: {stderr.strip()[-2000:]}")
+        return peaks, json.loads(audit.read_text())["data"]
 
     def setup_big(self) -> Path:
         """The big tree on disk (remote), and its copy on disk (local root returned)."""
@@ -713,6 +771,7 @@ def run_scenarios(bench: Bench, only: set[str]) -> None:
         bench.s4()
     if "S6" in only:
         bench.s6()
+        bench.s6_run()
     if only & {"S2", "S3", "S4b", "S5"}:
         big_root = bench.setup_big()
         if "S2" in only:
