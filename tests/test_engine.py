@@ -516,6 +516,21 @@ def test_a_borrowed_cache_serves_several_scans_and_is_saved_by_its_owner(tmp_pat
     assert sorted(ds.cached()) == ["_derived/a"] and ds.cache_path.stat().st_ino != saved.st_ino
 
 
+def test_after_a_scan_the_cache_holds_one_copy_of_each_path(tmp_path: Path) -> None:
+    """What was loaded is let go once a scan finishes: the kept entries are keyed by the very path
+    strings of the scan's entries, not by a second copy of every path."""
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
+    assert cache.loaded_ok and cache.old
+    entries = engine.build_manifest(str(ds.root), "sha256", cache=cache)
+    assert cache.old == {}
+    kept = cache.current()
+    assert sorted(kept) == sorted(e[0] for e in entries if e[1] != ".events.log")
+    paths = {e[0]: e[0] for e in entries}
+    assert all(key is paths[key] for key in kept)
+
+
 def test_remembered_digests_are_cached_with_the_full_key_and_the_rest_kept(tmp_path: Path) -> None:
     """A transfer's reread proves a file's digest; the next scan then takes it from the cache."""
     ds = Dataset(tmp_path)
