@@ -456,7 +456,11 @@ class Bench:
                 if hwm.endswith(" kB"):
                     peaks[who] = max(peaks[who], int(hwm[:-3]) * 1024 / 1e6)
             time.sleep(0.02)
-        _, stderr = proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"usr {action} {dataset} did not finish within an hour")
+        _, stderr = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"usr {action} {dataset} exited {proc.returncode}: {stderr.strip()[-2000:]}")
         return peaks, json.loads(audit.read_text())["data"]
