@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import hashlib
 import io
 import json
@@ -186,8 +187,6 @@ def test_scan_of_a_missing_dir_is_empty(tmp_path: Path) -> None:
 
 
 def test_the_collector_is_paused_during_a_scan_and_back_after_the_last_overlapping_one() -> None:
-    import gc
-
     assert gc.isenabled()
     first, second = engine.gc_paused(), engine.gc_paused()
     first.__enter__()
@@ -207,8 +206,6 @@ def test_the_collector_is_paused_during_a_scan_and_back_after_the_last_overlappi
 
 
 def test_a_scan_that_fails_leaves_the_collector_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gc
-
     (tmp_path / "records.parquet").write_bytes(b"x")
 
     def fail(*_: Any) -> None:
