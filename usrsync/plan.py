@@ -87,7 +87,7 @@ class TransferPlan(msgspec.Struct, kw_only=True):
 
 def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_delete: MaxDelete) -> TransferPlan:
     pull = direction == "pull"
-    source, dest = (cmp.remote, cmp.local) if pull else (cmp.local, cmp.remote)
+    source = cmp.remote if pull else cmp.local  # by path; the destination's only if a section is out of scope
     source_name, dest_name = ("remote", "local") if pull else ("local", "remote")
     source_exists = cmp.remote_exists if pull else cmp.local_exists
     dest_exists = cmp.local_exists if pull else cmp.remote_exists
@@ -115,7 +115,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         before += [delta.same, delta.differing, dest_only]
         if not delta.in_scope:
             kept = sorted(set(delta.same) | set(delta.differing) | set(dest_only))
-            unchanged.append((kept, dest))
+            unchanged.append((kept, cmp.local if pull else cmp.remote))
             after.append(kept)
             continue
         in_scope_dest += delta.local_files if pull else delta.remote_files
