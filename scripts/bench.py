@@ -242,15 +242,18 @@ class Bench:
 
     # ----------------------------------------------------------------- runners
 
-    def usr(self, action: str, dataset: str, remote: str, root: Path, *extra: str) -> tuple[float, dict[str, Any]]:
-        """One CLI run as a subprocess (like a user or cron would); (seconds, audit data)."""
+    def usr_argv(self, action: str, dataset: str, remote: str, root: Path, *extra: str) -> tuple[list[str], Path]:
+        """The CLI's command line for one run, and where it writes its audit."""
         self.counter += 1
         audit = self.work / "audits" / f"{self.counter:04d}.json"
         audit.parent.mkdir(exist_ok=True)
         argv = [sys.executable, "-m", "usrsync", "--remotes-config", str(self.config), "--root", str(root),
                 action, dataset, remote, "--audit-json-out", str(audit), *extra]
-        if action != "diff":
-            argv.append("-y")
+        return argv + ["-y"] if action != "diff" else argv, audit
+
+    def usr(self, action: str, dataset: str, remote: str, root: Path, *extra: str) -> tuple[float, dict[str, Any]]:
+        """One CLI run as a subprocess (like a user or cron would); (seconds, audit data)."""
+        argv, audit = self.usr_argv(action, dataset, remote, root, *extra)
         started = time.perf_counter()
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=self.env, text=True, check=False)
@@ -438,11 +441,7 @@ class Bench:
 
     def usr_peaks(self, action: str, dataset: str, remote: str, root: Path) -> tuple[dict[str, float], dict[str, Any]]:
         """Run usr like usr() while sampling the peak RSS (VmHWM) of it and of the remote agent."""
-        self.counter += 1
-        audit = self.work / "audits" / f"{self.counter:04d}.json"
-        audit.parent.mkdir(exist_ok=True)
-        argv = [sys.executable, "-m", "usrsync", "--remotes-config", str(self.config), "--root", str(root),
-                action, dataset, remote, "--audit-json-out", str(audit)]
+        argv, audit = self.usr_argv(action, dataset, remote, root)
         peaks = {"usr": 0.0, "agent": 0.0}
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=self.env, text=True)

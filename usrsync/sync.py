@@ -493,11 +493,11 @@ class Run:
         (result, dest_now), source_now = await asyncio.gather(
             verified_then_rescanned(), self._changed_since(policy, source_side, source_before))
         # A source changed under rsync also fails verification: name that cause first.
-        if source_now is not None and not same_files(source_now, source_before, policy):
+        if source_now is not None and not same_files(source_now.entries, source_before.entries, policy):
             raise VerificationError(f"the {source_side} dataset changed during the transfer",
                                     "nothing was promoted; rerun when the writer on that side has finished")
         self._check_verified(result.problems, where)
-        if dest_now is not None and not same_files(dest_now, dest_before):
+        if dest_now is not None and not same_files(dest_now.entries, dest_before.entries):
             raise VerificationError(f"the {dest_side} dataset changed during the transfer",
                                     "nothing was promoted; rerun when the writer on that side has finished")
         engine.checkpoint("after-verify")
@@ -586,9 +586,10 @@ def files_of(entries: list[Entry], policy: Policy | None = None) -> list[tuple[s
     return [(e.path, e.size, e.digest) for e in entries if e.kind == KIND_FILE and e.section in sections]
 
 
-def same_files(now: Manifest, before: Manifest, policy: Policy | None = None) -> bool:
-    """Whether two manifests hold the same files (in `policy`'s scope when given), by content."""
-    return now.entries == before.entries or files_of(now.entries, policy) == files_of(before.entries, policy)
+def same_files(a: list[Entry], b: list[Entry], policy: Policy | None = None) -> bool:
+    """Whether two path-sorted entry lists hold the same files (in `policy`'s scope when given), by
+    content. Identical entries (mtimes included) are: the usual case costs one C-level pass."""
+    return a == b or files_of(a, policy) == files_of(b, policy)
 
 
 def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: TransferPlan, policy: Policy) -> bool:
@@ -597,8 +598,7 @@ def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: Trans
     exchange, which touches nothing else), below it exactly `plan.expected`."""
     dest_outside, _ = dest_before.split(plan.prefix)
     source_outside, source_below = source.split(plan.prefix)
-    # Identical entries (mtimes included) are the same files: the usual case costs one C-level pass.
-    if dest_outside != source_outside and files_of(dest_outside, policy) != files_of(source_outside, policy):
+    if not same_files(dest_outside, source_outside, policy):
         return False
     promoted = [(p, t.size, t.digest) for p, t in sorted(plan.expected.items()) if policy.in_scope(classify(p))]
     return promoted == files_of(source_below, policy)
