@@ -389,37 +389,28 @@ _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXE
 _SUBDIR_FLAGS = _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0)  # below the root: never through a symlink
 
 
-def _walk(directory, prefix, section, out):
-    """Append (relpath, section, kind, FileStat) of every non-directory below `directory` (the
-    dataset root plus `prefix`; an fd where _SCANDIR_FD) to `out`, skipping runtime files.
+def _walk(directory, prefix, section):
+    """Yield, one directory at a time, lists of (relpath, section, kind, FileStat) of the non-directories
+    below `directory` (the dataset root plus `prefix`; an fd where _SCANDIR_FD), runtime files left out.
+    Unsorted: listings come in disk order. A consumer that builds its own per-file objects as the
+    batches come never holds a second whole-tree list (~250 bytes per file at a million files).
     The rules of classify(), applied once per directory: the top-level name fixes the section."""
     with os.scandir(directory) as listing:
         entries = list(listing)
+    files = []
+    subdirs = []
     for entry in entries:
         name = entry.name
         if name in RUNTIME_ANY_NAMES or not prefix and (name in RUNTIME_TOP_NAMES
                                                         or name.startswith(RUNTIME_TOP_PREFIXES)):
             continue
         if entry.is_dir(follow_symlinks=False):  # from d_type: no stat for directories
-            sub = (prefix + name + "/", section or TOP_DIR_SECTIONS.get(name, AUXILIARY), out)
-            if not _SCANDIR_FD:
-                try:
-                    _walk(entry.path, *sub)
-                except FileNotFoundError:  # gone since the listing: the rescans catch it
-                    pass
-                continue
-            try:
-                fd = os.open(name, _SUBDIR_FLAGS, dir_fd=directory)
-            except OSError as exc:  # gone or replaced since the listing: the rescans catch it
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                    continue
-                raise
-            try:
-                _walk(fd, *sub)
-            finally:
-                os.close(fd)
+            subdirs.append(entry)
             continue
-        st = entry.stat(follow_symlinks=False)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # gone since the listing: the rescans catch it
+            continue
         rel = prefix + name
         mode = st.st_mode
         if _isascii is not None and _isascii(rel):  # the common case: nothing to re-encode
@@ -432,8 +423,31 @@ def _walk(directory, prefix, section, out):
         if "\n" in rel or "\r" in rel:  # no manifest may carry it: reported (escaped), never transferred
             kind = KIND_BADNAME
             rel = rel.replace("\r", "\\r").replace("\n", "\\n")
-        out.append((rel, section or TOP_LEVEL_SECTIONS.get(name, AUXILIARY), kind,
-                    _new_tuple(_FileStat, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))))
+        files.append((rel, section or TOP_LEVEL_SECTIONS.get(name, AUXILIARY), kind,
+                      _new_tuple(_FileStat, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))))
+    del entries
+    if files:
+        yield files
+    files = None  # handed over: the consumer decides what of it to keep
+    for entry in subdirs:
+        name = entry.name
+        sub = (prefix + name + "/", section or TOP_DIR_SECTIONS.get(name, AUXILIARY))
+        if not _SCANDIR_FD:
+            try:
+                yield from _walk(entry.path, *sub)
+            except FileNotFoundError:  # gone since the listing: the rescans catch it
+                pass
+            continue
+        try:
+            fd = os.open(name, _SUBDIR_FLAGS, dir_fd=directory)
+        except OSError as exc:  # gone or replaced since the listing: the rescans catch it
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                continue
+            raise
+        try:
+            yield from _walk(fd, *sub)
+        finally:
+            os.close(fd)
 
 
 def _kind(rel, mode):
@@ -455,27 +469,20 @@ def fs_path(root, rel):
     return os.path.join(root, os.fsdecode(rel.encode("utf-8")))
 
 
-def scan_sections(root):
-    """Sorted (relpath, section, kind, FileStat) of a dataset dir, runtime files left out."""
-    found = []
+def walk_batches(root):
+    """(relpath, section, kind, FileStat) of every non-directory of a dataset dir, runtime files
+    left out, unsorted, in lists of one directory each (see _walk). Nothing when `root` is missing."""
     try:
         top = os.open(root, _DIR_FLAGS) if _SCANDIR_FD else root
     except FileNotFoundError:
-        return []
+        return
     try:
-        _walk(top, "", None, found)
+        yield from _walk(top, "", None)
     except FileNotFoundError:  # the dataset dir itself went away while we scanned it
-        return []
+        return
     finally:
         if _SCANDIR_FD:
             os.close(top)
-    found.sort(key=_first)  # near-sorted already only by chance: listings come in disk order
-    return found
-
-
-def scan(root):
-    """Sorted (relpath, kind, FileStat) of a dataset dir, runtime files left out."""
-    return [(rel, kind, st) for rel, _, kind, st in scan_sections(root)]
 
 
 def _time_ns():
@@ -511,27 +518,30 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     entries = []
     to_hash = []
     with gc_paused():
-        for rel, section, kind, st in scan_sections(root):
-            entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
-            entries.append(entry)
-            if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
-                continue
-            if section == EVENTS:
-                to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
-                continue
-            # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
-            racy = st.st_mtime_ns >= racy_from
-            digest = cache.get(rel, st) if cache is not None and not racy else None
-            if digest is None and trusted and not racy:
-                known = trusted.get(rel)
-                if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
-                    digest = known[3]
-            if digest is not None:
-                entry[5] = digest
-                if cache is not None and rel not in cache.new:  # a cache hit is already kept
-                    cache.put(rel, st, digest)
-            else:
-                to_hash.append((entry, st, True))
+        for batch in walk_batches(root):
+            for rel, section, kind, st in batch:
+                entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
+                entries.append(entry)
+                if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
+                    continue
+                if section == EVENTS:
+                    to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
+                    continue
+                # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
+                racy = st.st_mtime_ns >= racy_from
+                digest = cache.get(rel, st) if cache is not None and not racy else None
+                if digest is None and trusted and not racy:
+                    known = trusted.get(rel)
+                    if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
+                        digest = known[3]
+                if digest is not None:
+                    entry[5] = digest
+                    if cache is not None and rel not in cache.new:  # a cache hit is already kept
+                        cache.put(rel, st, digest)
+                else:
+                    to_hash.append((entry, st, True))
+            del batch  # a cache hit keeps the cached key: this batch's FileStats can go
+        entries.sort(key=_first)  # near-sorted already only by chance: listings come in disk order
 
     done = [0, 0]
     lock = threading.Lock()
@@ -916,7 +926,7 @@ def verify_tree(root, expected, reread, algo, subtree=""):
     seen = set()
     stats = {}
     with gc_paused():
-        for rel, kind, st in scan(root):
+        for rel, _, kind, st in (item for batch in walk_batches(root) for item in batch):
             if prefix:
                 rel = prefix + rel
             seen.add(rel)
@@ -1237,7 +1247,7 @@ def list_datasets(base_dir):
             if not os.path.isfile(os.path.join(root, "records.parquet")):
                 continue
             # Regular files only, as a sync counts them: symlinks and specials are never transferred.
-            files = [st for _, kind, st in scan(root) if kind == KIND_FILE]
+            files = [st for batch in walk_batches(root) for _, _, kind, st in batch if kind == KIND_FILE]
             found.append({
                 "dataset": dataset,
                 "files": len(files),

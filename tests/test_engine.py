@@ -124,6 +124,11 @@ def test_dataset_key_is_flat_and_injective() -> None:
 # --- scanning -------------------------------------------------------------------------------
 
 
+def scan(root: Path) -> list[tuple[str, str, str, Any]]:
+    """Every (relpath, section, kind, FileStat) the walk yields, sorted by path."""
+    return sorted((item for batch in engine.walk_batches(str(root)) for item in batch), key=lambda item: item[0])
+
+
 def test_scan_skips_runtime_files_and_reports_special_kinds(tmp_path: Path) -> None:
     write(tmp_path, {
         "records.parquet": b"p", "_derived/ns/a": b"a", "notes/x.txt": b"x",
@@ -134,8 +139,7 @@ def test_scan_skips_runtime_files_and_reports_special_kinds(tmp_path: Path) -> N
     os.symlink("records.parquet", tmp_path / "link")
     os.symlink("/", tmp_path / "_derived" / "dirlink")  # never followed
     os.mkfifo(tmp_path / "fifo")
-    items = engine.scan(str(tmp_path))
-    assert [(rel, kind) for rel, kind, _ in items] == [
+    assert [(rel, kind) for rel, _, kind, _ in scan(tmp_path)] == [
         ("_derived/dirlink", "symlink"), ("_derived/ns/a", "file"), ("fifo", "special"), ("link", "symlink"),
         ("notes/x.txt", "file"), ("records.parquet", "file"),
     ]
@@ -144,8 +148,7 @@ def test_scan_skips_runtime_files_and_reports_special_kinds(tmp_path: Path) -> N
 def test_scan_reports_undecodable_names(tmp_path: Path) -> None:
     write(tmp_path, {"records.parquet": b"p"})
     (tmp_path / os.fsdecode(b"bad\xffname")).write_bytes(b"x")
-    items = engine.scan(str(tmp_path))
-    assert [(rel, kind) for rel, kind, _ in items] == [("bad\\xffname", "badname"), ("records.parquet", "file")]
+    assert [(rel, kind) for rel, _, kind, _ in scan(tmp_path)] == [("bad\\xffname", "badname"), ("records.parquet", "file")]
     entries = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
     assert entries[0][4:6] == ["badname", ""]  # never hashed, never transferred
 
@@ -155,14 +158,14 @@ def test_scan_escapes_names_below_an_undecodable_or_newline_directory(tmp_path: 
     for directory in (b"_derived/bad\xffdir", b"notes/line\nbreak"):
         (tmp_path / os.fsdecode(directory)).mkdir(parents=True)
         (tmp_path / os.fsdecode(directory) / "plain.txt").write_bytes(b"x")
-    assert [(rel, kind) for rel, kind, _ in engine.scan(str(tmp_path))] == [
+    assert [(rel, kind) for rel, _, kind, _ in scan(tmp_path)] == [
         ("_derived/bad\\xffdir/plain.txt", "badname"), ("notes/line\\nbreak/plain.txt", "badname"),
         ("records.parquet", "file"),
     ]
 
 
 @pytest.mark.parametrize("by_fd", [True, False])
-def test_scan_sections_agree_with_classify_by_fd_or_by_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_walk_sections_agree_with_classify_by_fd_or_by_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            by_fd: bool) -> None:
     """The walk fixes each file's section from its top-level name; classify() decides per path.
     By path is how Python 3.6 walks (no scandir on a descriptor there)."""
@@ -173,9 +176,12 @@ def test_scan_sections_agree_with_classify_by_fd_or_by_path(tmp_path: Path, monk
     })
     if not by_fd:
         monkeypatch.setattr(engine, "_SCANDIR_FD", False)
-    items = engine.scan_sections(str(tmp_path))
+    batches = list(engine.walk_batches(str(tmp_path)))
+    items = [item for batch in batches for item in batch]
     assert [(rel, section) for rel, section, _, _ in items] == [(rel, engine.classify(rel)) for rel, _, _, _ in items]
-    assert [rel for rel, _, _, _ in items] == sorted(rel for rel, _, _, _ in items)
+    # One batch per directory holding files: the consumer never needs a list of the whole tree.
+    assert sorted(len(batch) for batch in batches) == [1] * 7 + [4]
+    assert all(len({rel.rpartition("/")[0] for rel, _, _, _ in batch}) == 1 for batch in batches)
     assert len(items) == 11
     st = os.lstat(tmp_path / "_derived/a/b/c.parquet")
     stats = {rel: fs for rel, _, _, fs in items}
@@ -183,7 +189,44 @@ def test_scan_sections_agree_with_classify_by_fd_or_by_path(tmp_path: Path, monk
 
 
 def test_scan_of_a_missing_dir_is_empty(tmp_path: Path) -> None:
-    assert engine.scan(str(tmp_path / "missing")) == []
+    assert list(engine.walk_batches(str(tmp_path / "missing"))) == []
+
+
+def test_a_file_removed_between_listing_and_stat_is_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer may delete a file while we scan: the scan goes on without it (the rescans before
+    promotion catch the change), instead of failing or coming back empty."""
+    write(tmp_path, {"records.parquet": b"p", "_derived/a": b"a", "_derived/gone": b"g", "_derived/z": b"z"})
+    real_scandir = os.scandir
+
+    class ListingThenRemove:
+        def __init__(self, directory: Any) -> None:
+            self.listing = real_scandir(directory)
+
+        def __enter__(self) -> Any:
+            entries = list(self.listing)
+            if "gone" in {entry.name for entry in entries}:
+                (tmp_path / "_derived" / "gone").unlink()
+            return iter(entries)
+
+        def __exit__(self, *exc: Any) -> None:
+            self.listing.close()
+
+    monkeypatch.setattr(engine.os, "scandir", ListingThenRemove)
+    entries = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
+    monkeypatch.undo()
+    assert [e[0] for e in entries] == ["_derived/a", "_derived/z", "records.parquet"]
+    assert [e[5] for e in entries] == [sha(b"a"), sha(b"z"), sha(b"p")]
+
+
+def test_manifest_entries_are_sorted_by_path_across_directories(tmp_path: Path) -> None:
+    """The walk comes in disk order, a directory at a time; a manifest is sorted by the whole path,
+    where "a/b" sorts after "a.txt" and "a-x/c" but before "a0"."""
+    names = ["records.parquet", "a/b", "a.txt", "a-x/c", "a0", "a/b.c/d", "a/b-c", "_derived/x/y", "_derived.txt",
+             "_derived/x.y", "_derived/x-/z", "Z", "é/é"]
+    write(tmp_path, {name: name.encode() for name in names})
+    entries = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
+    assert [e[0] for e in entries] == sorted(names)
+    assert all(e[5] == sha(e[0].encode()) for e in entries)
 
 
 def test_the_collector_is_paused_during_a_scan_and_back_after_the_last_overlapping_one() -> None:
@@ -212,7 +255,7 @@ def test_a_scan_that_fails_leaves_the_collector_on(tmp_path: Path, monkeypatch: 
         assert not gc.isenabled()  # the scan ran paused
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(engine, "scan_sections", fail)
+    monkeypatch.setattr(engine, "walk_batches", fail)
     with pytest.raises(OSError):
         engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
     assert gc.isenabled()
