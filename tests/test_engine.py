@@ -327,13 +327,13 @@ class Dataset:
 
     def cached(self) -> dict[str, list]:
         """Entries as [size, mtime_ns, ctime_ns, inode, digest]."""
-        return {rel: [*key, digest] for rel, (key, digest) in self.document()["entries"].items()}
+        return {rel: [*engine.CACHE_KEY.unpack(key), digest] for rel, (key, digest) in self.document()["entries"].items()}
 
     def forge(self, rel: str, key: list[int] | None = None, **doc: Any) -> None:
         """Replace `rel`'s cache entry by FORGED under `key` (default: the file's current key)."""
         cache = self.document()
         cache.update(doc)
-        cache["entries"][rel] = (tuple(key or self.key(rel)), FORGED)
+        cache["entries"][rel] = (engine.cache_key(key or self.key(rel)), FORGED)
         self.cache_path.write_bytes(marshal.dumps(cache, 4))
 
     def key(self, rel: str) -> list[int]:
@@ -469,15 +469,48 @@ def test_corrupt_cache_file_is_ignored_and_rebuilt(tmp_path: Path, garbage: byte
     assert ds.cached()["_derived/a"][4] == sha(b"derived-a")
 
 
-@pytest.mark.parametrize("bad_entry", [(1, 2), "digest", None, [0, 0, 0, 0, 7], "key+7", "flat", "list"])
+@pytest.mark.parametrize("bad_entry", [(1, 2), "digest", None, [0, 0, 0, 0, 7], "key+7", "flat", "list", "unpacked"])
 def test_malformed_cache_entries_are_ignored(tmp_path: Path, bad_entry: Any) -> None:
     ds = Dataset(tmp_path)
     ds.manifest()
     cache = ds.document()
     key = ds.key("_derived/a")
-    forged = {"key+7": (tuple(key), 7), "flat": (*key, FORGED), "list": [tuple(key), FORGED]}
+    packed = engine.cache_key(key)
+    forged = {"key+7": (packed, 7), "flat": (packed + FORGED.encode(),), "list": [packed, FORGED],
+              "unpacked": (tuple(key), FORGED)}  # format 2's key in a format 3 file
     cache["entries"]["_derived/a"] = forged.get(bad_entry, bad_entry) if isinstance(bad_entry, str) else bad_entry
     ds.cache_path.write_bytes(marshal.dumps(cache, 4))
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+def test_a_format_2_cache_is_converted_not_rehashed(tmp_path: Path) -> None:
+    """Format 2 kept each key as a tuple of four ints. Its digests still count (a large dataset
+    must not be reread because the cache's layout changed), and the file is written back as format 3."""
+    ds = Dataset(tmp_path)
+    ds.manifest()
+    old = {"format": 2, "root": str(ds.root), "algo": "sha256", "entries": {
+        "_derived/a": (tuple(ds.key("_derived/a")), FORGED),
+        "records.parquet": ((1, 2), sha(b"PAR1-primary")),  # malformed: left out, rehashed
+    }}
+    ds.cache_path.write_bytes(marshal.dumps(old, 4))
+    assert ds.manifest() == {"records.parquet": sha(b"PAR1-primary"), "_derived/a": FORGED}
+    assert ds.document()["format"] == engine.CACHE_FORMAT == 3
+    assert ds.cached() == {"records.parquet": ds.key("records.parquet") + [sha(b"PAR1-primary")],
+                           "_derived/a": ds.key("_derived/a") + [FORGED]}
+
+
+def test_a_file_whose_key_does_not_fit_is_hashed_every_time_and_never_cached(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    future = 2**63 + 10**9  # an mtime in ns past the year 2262: no int64 holds it
+    try:
+        os.utime(ds.root / "_derived/a", ns=(future, future))
+    except OSError:
+        pytest.skip("this filesystem does not store such a timestamp")
+    if os.lstat(ds.root / "_derived/a").st_mtime_ns != future:
+        pytest.skip("this filesystem clamps the timestamp")
+    assert engine.cache_key(ds.key("_derived/a")) is None
+    assert ds.manifest() == {"records.parquet": sha(b"PAR1-primary"), "_derived/a": sha(b"derived-a")}
+    assert sorted(ds.cached()) == ["records.parquet"]
     assert ds.manifest()["_derived/a"] == sha(b"derived-a")
 
 

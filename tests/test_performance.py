@@ -319,7 +319,7 @@ def test_after_a_transfer_every_destination_file_is_cached_under_its_current_key
     assert sorted(cached) == files
     for rel in files:
         st = os.lstat(dest / rel)
-        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        key = engine.cache_key((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         assert cached[rel] == (key, engine.hash_file(str(dest / rel), algo)[0]), rel
 
 
