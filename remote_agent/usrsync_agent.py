@@ -314,20 +314,18 @@ class HashCache(object):
         """Every entry as of now: the last finished scan's, or the loaded ones before any."""
         return self.finished if self.finished is not None else self.old
 
-    def get(self, relpath, st):
-        """The cached digest when the whole key (of a FileStat) matches; the entry is then kept."""
+    def get(self, relpath, key):
+        """The cached digest when the whole key (a cache_key()) matches; the entry is then kept."""
         hit = self.old.get(relpath)
         # One bytes comparison: this runs once per file on every no-op scan.
-        if type(hit) is tuple and len(hit) == 2 and type(hit[1]) is str and hit[0] == cache_key(st):
+        if type(hit) is tuple and len(hit) == 2 and type(hit[1]) is str and hit[0] == key:
             self.new[relpath] = hit
             return hit[1]
         return None
 
-    def put(self, relpath, st, digest):
-        key = cache_key(st)
-        if key is not None:
-            self.new[relpath] = (key, digest)
-            self._scan_changed = True
+    def put(self, relpath, key, digest):
+        self.new[relpath] = (key, digest)
+        self._scan_changed = True
 
     def save(self):
         if not self.dirty:
@@ -412,7 +410,7 @@ def gc_paused():
 _isascii = getattr(str, "isascii", None)  # Python >= 3.7
 _first = itemgetter(0)
 # What a scan keeps of an lstat (the hash cache keys on it, packed: cache_key). An os.stat_result
-# takes ~600 bytes, this ~170: a scan holds one per file of the directory at hand, and of each file to hash.
+# takes ~600 bytes, this ~170: a scan holds one per file of the directory at hand.
 _FileStat = collections.namedtuple("FileStat", "st_size st_mtime_ns st_ctime_ns st_ino")
 _new_tuple = tuple.__new__  # half the cost of calling _FileStat(...)
 
@@ -559,22 +557,24 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
                     continue
                 if section == EVENTS:
-                    to_hash.append((entry, st, False))  # always rehashed: it grows, and lines are counted
+                    to_hash.append((entry, None))  # always rehashed: it grows, and lines are counted
                     continue
                 # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
                 racy = st.st_mtime_ns >= racy_from
-                digest = cache.get(rel, st) if cache is not None and not racy else None
+                # The key a digest is cached under; None when none may be (racy, no cache, or no fit).
+                key = cache_key(st) if cache is not None and not racy else None
+                digest = cache.get(rel, key) if key is not None else None
                 if digest is None and trusted and not racy:
                     known = trusted.get(rel)
                     if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
                         digest = known[3]
+                        if key is not None:
+                            cache.put(rel, key, digest)
                 if digest is not None:
                     entry[5] = digest
-                    if cache is not None and rel not in cache.new:  # a cache hit is already kept
-                        cache.put(rel, st, digest)
                 else:
-                    to_hash.append((entry, st, True))
-            del batch  # a cache hit keeps the cached key: this batch's FileStats can go
+                    to_hash.append((entry, key))  # the key, not the FileStat: ~190 bytes less per file
+            del batch  # this directory's FileStats can go: entries and keys hold what is needed
         entries.sort(key=_first)  # near-sorted already only by chance: listings come in disk order
 
     done = [0, 0]
@@ -583,18 +583,17 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     def work(job):
         if cancelled is not None and cancelled.is_set():
             raise Cancelled()
-        entry, st, cacheable = job
+        entry, key = job
         digest, nbytes, lines = hash_file(fs_path(root, entry[0]), algo, count_lines=entry[1] == EVENTS)
         entry[5] = digest
         entry[6] = lines
-        if nbytes != st.st_size:
-            # Changed while we read it: report what we read; the caller's checks catch it.
+        if nbytes != entry[2]:
+            # Changed while we read it: report what we read (the caller's checks catch it); not cached.
             entry[2] = nbytes
-            cacheable = False
-        racy = st.st_mtime_ns >= racy_from
+            key = None
         with lock:
-            if cache is not None and cacheable and not racy:
-                cache.put(entry[0], st, digest)
+            if key is not None:
+                cache.put(entry[0], key, digest)
             done[0] += 1
             done[1] += nbytes
             if progress is not None:
@@ -602,7 +601,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
 
     if to_hash:
         if progress_start is not None:
-            progress_start(len(to_hash), sum(st.st_size for _, st, _ in to_hash))
+            progress_start(len(to_hash), sum(entry[2] for entry, _ in to_hash))
         # Threads only for files of at least one read chunk. Measured on the 2-core test VM
         # (README, "Performance"): 100k x 4 KiB took 1.0 s in one thread, 3.2-4.0 s on 2
         # threads (every open/read/close hands the GIL back and forth) and 0.9-1.0 s on 2
@@ -610,8 +609,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
         # forking a threaded orchestrator is unsafe). 4 x 1 GiB from the page cache took
         # 0.38-0.46 s either way (memory-bound); reading and hashing drop the GIL, so threads
         # overlap the reads where storage latency is the limit (cold caches, Lustre).
-        small = [job for job in to_hash if job[1].st_size < READ_CHUNK]
-        big = [job for job in to_hash if job[1].st_size >= READ_CHUNK]
+        small = [job for job in to_hash if job[0][2] < READ_CHUNK]
+        big = [job for job in to_hash if job[0][2] >= READ_CHUNK]
         for job in small:
             work(job)
         if jobs <= 1 or len(big) <= 1:
