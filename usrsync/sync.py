@@ -293,9 +293,15 @@ class Run:
 
         def scan() -> Manifest:  # in a worker thread: loading the cache is I/O too
             cache = self._hash_cache(algo) if self.options.use_cache else None
-            return local_manifest(self.local_dir, algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
-                                  hash_sections=policy.hashed_sections(), trusted=trusted, progress=report,
-                                  cancelled=cancelled, cache=cache)
+            manifest = local_manifest(self.local_dir, algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
+                                      hash_sections=policy.hashed_sections(), trusted=trusted, progress=report,
+                                      cancelled=cancelled, cache=cache)
+            if cache is not None and self.action == "diff":
+                # A diff scans once: keep what it hashed now, and let go of the cache (~350 bytes
+                # a file) before the remote manifest is decoded beside this one.
+                cache.save()
+                self._hash_caches.pop(algo, None)
+            return manifest
 
         return await asyncio.to_thread(scan)
 
