@@ -46,7 +46,7 @@ CHUNK_ENTRIES = 5000
 CHUNK_SPLIT = 1024  # a manifest chunk holds ~1000 entries on average: see manifest_chunks()
 RACY_WINDOW_NS = 2 * 10**9  # git's racy-clean rule
 BREAK_GUARD_STALE = 30  # seconds after which a lock breaker's guard file is itself stale
-CACHE_FORMAT = 3  # 1: JSON; 2: keys as tuples of four ints (read and converted: see HashCache)
+CACHE_FORMAT = 3  # 1: JSON; 2: (key as a tuple of four ints, digest) (read and converted: see HashCache)
 FLAG_ZLIB = 1
 EXIT_AGENT_MISSING = 96  # loader exit codes: the orchestrator uploads and retries
 EXIT_AGENT_MISMATCH = 97
@@ -246,12 +246,15 @@ def cache_key(st):
 
 
 class HashCache(object):
-    """relpath -> (cache_key(FileStat), digest), one file per dataset and algo.
+    """relpath -> (relpath, cache_key(FileStat), digest), one file per dataset and algo.
+
+    The value repeats its path (marshal writes the string once): a hit hands the scan the cache's
+    own path string, so a scan does not hold a second copy of every path (~90 MB per million).
 
     Never keyed on st_dev (it changes across NFS/Lustre remounts). A corrupt or foreign
     cache file is ignored and rebuilt, never trusted. Stored with marshal (format 4, which
     Python 3.4+ reads): a no-op scan of 100k files loads it in ~30 ms, JSON took ~200 ms.
-    A format 2 file (keys as tuples of ints) is converted when loaded, not rehashed.
+    A format 2 file is converted when loaded, not rehashed.
 
     `old` is what was known before the current scan, `new` what it keeps. One object may serve
     several scans of a run (loading and saving it costs ~0.1 s per 100k files each): each scan
@@ -315,16 +318,17 @@ class HashCache(object):
         return self.finished if self.finished is not None else self.old
 
     def get(self, relpath, key):
-        """The cached digest when the whole key (a cache_key()) matches; the entry is then kept."""
+        """The cached (relpath, key, digest) when the whole key (a cache_key()) matches; the entry
+        is then kept, under the cache's path string."""
         hit = self.old.get(relpath)
-        # One bytes comparison: this runs once per file on every no-op scan.
-        if type(hit) is tuple and len(hit) == 2 and type(hit[1]) is str and hit[0] == key:
-            self.new[relpath] = hit
-            return hit[1]
+        # A few C-level comparisons: this runs once per file on every no-op scan.
+        if type(hit) is tuple and len(hit) == 3 and hit[1] == key and type(hit[2]) is str and hit[0] == relpath:
+            self.new[hit[0]] = hit
+            return hit
         return None
 
     def put(self, relpath, key, digest):
-        self.new[relpath] = (key, digest)
+        self.new[relpath] = (relpath, key, digest)
         self._scan_changed = True
 
     def save(self):
@@ -339,13 +343,13 @@ class HashCache(object):
 
 
 def _packed_keys(entries):
-    """Format 2's entries {relpath: ((size, mtime_ns, ctime_ns, inode), digest)} with packed keys;
+    """Format 2's entries {relpath: ((size, mtime_ns, ctime_ns, inode), digest)} as format 3's;
     a malformed entry is left out (rehashed), as get() would never have used it."""
     packed = {}
     for rel, value in entries.items():
         try:
             key, digest = value
-            packed[rel] = (CACHE_KEY.pack(*key), digest)
+            packed[rel] = (rel, CACHE_KEY.pack(*key), digest)
         except (TypeError, ValueError, struct.error):
             continue
     return packed
@@ -563,7 +567,10 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 racy = st.st_mtime_ns >= racy_from
                 # The key a digest is cached under; None when none may be (racy, no cache, or no fit).
                 key = cache_key(st) if cache is not None and not racy else None
-                digest = cache.get(rel, key) if key is not None else None
+                cached = cache.get(rel, key) if key is not None else None
+                if cached is not None:
+                    entry[0] = cached[0]  # the cache's string: this scan's copy goes with the batch
+                digest = cached[2] if cached is not None else None
                 if digest is None and trusted and not racy:
                     known = trusted.get(rel)
                     if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
@@ -1002,7 +1009,7 @@ def remember_digests(cache, proven):
         key = cache_key((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         if S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime_ns) \
                 and mtime_ns < racy_from and key is not None:
-            entries[rel] = (key, digest)
+            entries[rel] = (rel, key, digest)
             cache.dirty = True
 
 

@@ -327,13 +327,15 @@ class Dataset:
 
     def cached(self) -> dict[str, list]:
         """Entries as [size, mtime_ns, ctime_ns, inode, digest]."""
-        return {rel: [*engine.CACHE_KEY.unpack(key), digest] for rel, (key, digest) in self.document()["entries"].items()}
+        entries = self.document()["entries"]
+        assert all(path == rel for rel, (path, _, _) in entries.items())
+        return {rel: [*engine.CACHE_KEY.unpack(key), digest] for rel, (_, key, digest) in entries.items()}
 
     def forge(self, rel: str, key: list[int] | None = None, **doc: Any) -> None:
         """Replace `rel`'s cache entry by FORGED under `key` (default: the file's current key)."""
         cache = self.document()
         cache.update(doc)
-        cache["entries"][rel] = (engine.cache_key(key or self.key(rel)), FORGED)
+        cache["entries"][rel] = (rel, engine.cache_key(key or self.key(rel)), FORGED)
         self.cache_path.write_bytes(marshal.dumps(cache, 4))
 
     def key(self, rel: str) -> list[int]:
@@ -469,15 +471,18 @@ def test_corrupt_cache_file_is_ignored_and_rebuilt(tmp_path: Path, garbage: byte
     assert ds.cached()["_derived/a"][4] == sha(b"derived-a")
 
 
-@pytest.mark.parametrize("bad_entry", [(1, 2), "digest", None, [0, 0, 0, 0, 7], "key+7", "flat", "list", "unpacked"])
+@pytest.mark.parametrize("bad_entry", [(1, 2), "digest", None, [0, 0, 0, 0, 7], "key+7", "flat", "list", "unpacked",
+                                       "format 2", "other path"])
 def test_malformed_cache_entries_are_ignored(tmp_path: Path, bad_entry: Any) -> None:
     ds = Dataset(tmp_path)
     ds.manifest()
     cache = ds.document()
     key = ds.key("_derived/a")
     packed = engine.cache_key(key)
-    forged = {"key+7": (packed, 7), "flat": (packed + FORGED.encode(),), "list": [packed, FORGED],
-              "unpacked": (tuple(key), FORGED)}  # format 2's key in a format 3 file
+    forged = {"key+7": ("_derived/a", packed, 7), "flat": ("_derived/a", packed + FORGED.encode()),
+              "list": ["_derived/a", packed, FORGED], "unpacked": ("_derived/a", tuple(key), FORGED),
+              "format 2": (packed, FORGED),  # a format 2 entry, keys packed, in a format 3 file
+              "other path": ("records.parquet", packed, FORGED)}  # would rename the entry
     cache["entries"]["_derived/a"] = forged.get(bad_entry, bad_entry) if isinstance(bad_entry, str) else bad_entry
     ds.cache_path.write_bytes(marshal.dumps(cache, 4))
     assert ds.manifest()["_derived/a"] == sha(b"derived-a")
@@ -581,27 +586,31 @@ def test_a_borrowed_cache_serves_several_scans_and_is_saved_by_its_owner(tmp_pat
     (ds.root / "records.parquet").unlink()
     first = engine.build_manifest(str(ds.root), "sha256", cache=cache)
     assert {e[0]: e[5] for e in first} == {"_derived/a": sha(b"derived-a")}
-    cache.new["_derived/a"] = (cache.new["_derived/a"][0], FORGED)  # what this object knows now
+    cache.new["_derived/a"] = (*cache.new["_derived/a"][:2], FORGED)  # what this object knows now
     second = engine.build_manifest(str(ds.root), "sha256", cache=cache)
     assert {e[0]: e[5] for e in second} == {"_derived/a": FORGED}  # the second scan used the first's
-    assert ds.document()["entries"]["_derived/a"][1] == FORGED  # the forged file, untouched
+    assert ds.document()["entries"]["_derived/a"][2] == FORGED  # the forged file, untouched
     cache.save()
     assert sorted(ds.cached()) == ["_derived/a"] and ds.cache_path.stat().st_ino != saved.st_ino
 
 
 def test_after_a_scan_the_cache_holds_one_copy_of_each_path(tmp_path: Path) -> None:
     """What was loaded is let go once a scan finishes: the kept entries are keyed by the very path
-    strings of the scan's entries, not by a second copy of every path."""
-    ds = Dataset(tmp_path)
+    strings of the scan's entries, not by a second copy of every path. On a hit the entry takes
+    the cache's string, so the scan's own copy is not held either."""
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/b": b"b"})
     ds.manifest()
+    write(ds.root, {"_derived/b": b"B"})  # a miss: kept under the scan's string
     cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
     assert cache.loaded_ok and cache.old
+    loaded = {path: path for path in cache.old}
     entries = engine.build_manifest(str(ds.root), "sha256", cache=cache)
     assert cache.old == {}
     kept = cache.current()
     assert sorted(kept) == sorted(e[0] for e in entries if e[1] != ".events.log")
     paths = {e[0]: e[0] for e in entries}
-    assert all(key is paths[key] for key in kept)
+    assert all(key is paths[key] and value[0] is key for key, value in kept.items())
+    assert [e[0] is loaded[e[0]] for e in entries] == [True, False, True]  # _derived/b missed
 
 
 def test_remembered_digests_are_cached_with_the_full_key_and_the_rest_kept(tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ def test_the_agent_loads_a_dataset_hash_cache_once_per_session(tmp_path: Path, m
                                                        "remember": True}})
     assert len(loads) == 1
     cached = engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256").old
-    assert {rel: digest for rel, (_, digest) in cached.items()} == {"_derived/a": sha(b"a"), "records.parquet": told}
+    assert {rel: digest for rel, (_, _, digest) in cached.items()} == {"_derived/a": sha(b"a"), "records.parquet": told}
 
 
 def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
@@ -320,7 +320,7 @@ def test_after_a_transfer_every_destination_file_is_cached_under_its_current_key
     for rel in files:
         st = os.lstat(dest / rel)
         key = engine.cache_key((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-        assert cached[rel] == (key, engine.hash_file(str(dest / rel), algo)[0]), rel
+        assert cached[rel] == (rel, key, engine.hash_file(str(dest / rel), algo)[0]), rel
 
 
 # --- the hash cache is written back only when something changed --------------------------------
@@ -341,7 +341,7 @@ def test_unchanged_scan_leaves_the_cache_file_alone(tmp_path: Path) -> None:
 
     write(root, {"_derived/a": b"A"})
     engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
-    assert marshal.loads(path.read_bytes())["entries"]["_derived/a"][1] == sha(b"A")
+    assert marshal.loads(path.read_bytes())["entries"]["_derived/a"][2] == sha(b"A")
 
 
 # --- hashing: small files in this thread, large ones on the pool -----------------------------------
