@@ -272,31 +272,42 @@ class HashCache(object):
         self.loaded_ok = False
         self.finished = None  # what the last finished scan kept
         self._scan_changed = False
+        entries = self._read(self.path, CACHE_FORMAT)
+        if entries is None:
+            # Format 2 lives in the unversioned file, which an older usrsync on this account may
+            # still use: it is converted, never rehashed, and left in place for that version.
+            entries = self._read(self.path_for(cache_dir, root, algo, format_2=True), 2)
+            if entries is not None:
+                with gc_paused():
+                    entries = _packed_keys(entries)
+                self.dirty = True  # written in the current format, to its own file
+        if entries is not None:
+            self.old = entries
+            self.loaded_ok = True
+
+    @staticmethod
+    def path_for(cache_dir, root, algo, format_2=False):
+        name = hashlib.sha256(("%s\x00%s" % (root, algo)).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return os.path.join(cache_dir, "hashes", name + (".marshal" if format_2 else ".v%d.marshal" % CACHE_FORMAT))
+
+    def _read(self, path, cache_format):
+        """The entries of the cache file at `path` if it holds this root's and algo's cache in that format."""
         try:
-            with open(self.path, "rb") as handle:
+            with open(path, "rb") as handle:
                 data = handle.read()
             with gc_paused():
                 doc = marshal.loads(data)
-            if (
-                type(doc) is dict
-                and doc.get("format") in (2, CACHE_FORMAT)
-                and doc.get("root") == root
-                and doc.get("algo") == algo
-                and type(doc.get("entries")) is dict
-            ):
-                self.old = doc["entries"]
-                if doc["format"] == 2:
-                    with gc_paused():
-                        self.old = _packed_keys(self.old)
-                    self.dirty = True  # written back in the current format
-                self.loaded_ok = True
         except (OSError, EOFError, ValueError, TypeError):
-            pass
-
-    @staticmethod
-    def path_for(cache_dir, root, algo):
-        name = hashlib.sha256(("%s\x00%s" % (root, algo)).encode("utf-8", "surrogateescape"))
-        return os.path.join(cache_dir, "hashes", name.hexdigest()[:32] + ".marshal")
+            return None
+        if (
+            type(doc) is dict
+            and doc.get("format") == cache_format
+            and doc.get("root") == self.root
+            and doc.get("algo") == self.algo
+            and type(doc.get("entries")) is dict
+        ):
+            return doc["entries"]
+        return None
 
     def start_scan(self):
         """What the last finished scan kept (or what was loaded) is what is known."""

@@ -488,20 +488,27 @@ def test_malformed_cache_entries_are_ignored(tmp_path: Path, bad_entry: Any) -> 
     assert ds.manifest()["_derived/a"] == sha(b"derived-a")
 
 
-def test_a_format_2_cache_is_converted_not_rehashed(tmp_path: Path) -> None:
-    """Format 2 kept each key as a tuple of four ints. Its digests still count (a large dataset
-    must not be reread because the cache's layout changed), and the file is written back as format 3."""
+def test_a_format_2_cache_is_converted_not_rehashed_and_left_to_older_versions(tmp_path: Path) -> None:
+    """Format 2 kept each key as a tuple of four ints, in a file without a version in its name. Its
+    digests still count (a large dataset must not be reread because the cache's layout changed).
+    Format 3 goes to its own file: an older usrsync still running on the account (a cron job's
+    venv) keeps reading its own, instead of both rehashing everything in turn."""
     ds = Dataset(tmp_path)
-    ds.manifest()
     old = {"format": 2, "root": str(ds.root), "algo": "sha256", "entries": {
         "_derived/a": (tuple(ds.key("_derived/a")), FORGED),
         "records.parquet": ((1, 2), sha(b"PAR1-primary")),  # malformed: left out, rehashed
     }}
-    ds.cache_path.write_bytes(marshal.dumps(old, 4))
+    format_2 = Path(engine.HashCache.path_for(str(ds.cache_dir), str(ds.root), "sha256", format_2=True))
+    assert format_2 != ds.cache_path and ds.cache_path.name.endswith(".v3.marshal")
+    format_2.parent.mkdir(parents=True)
+    format_2.write_bytes(marshal.dumps(old, 4))
     assert ds.manifest() == {"records.parquet": sha(b"PAR1-primary"), "_derived/a": FORGED}
     assert ds.document()["format"] == engine.CACHE_FORMAT == 3
     assert ds.cached() == {"records.parquet": ds.key("records.parquet") + [sha(b"PAR1-primary")],
                            "_derived/a": ds.key("_derived/a") + [FORGED]}
+    assert marshal.loads(format_2.read_bytes()) == old  # untouched
+    ds.forge("_derived/a", key=[0, 0, 0, 0])  # the format 3 file wins once it exists
+    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
 
 
 def test_a_file_whose_key_does_not_fit_is_hashed_every_time_and_never_cached(tmp_path: Path) -> None:
