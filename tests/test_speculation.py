@@ -9,6 +9,7 @@ one-line error, nothing else. Local remotes: no sshd needed, except a closed loo
 from __future__ import annotations
 
 import json
+import marshal
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,22 @@ def test_a_wrong_guess_is_thrown_away(sides) -> None:
     assert audit["_derived"]["differing"] == ["ns/part-0001.parquet"]
     _, again = logged_diff(sides)  # the sha256 cache is now the newest: guessed right
     assert again["local_scan"] == "early"
+
+
+def test_an_older_version_s_cache_is_guessed_from_too(sides) -> None:
+    """Right after an upgrade only the format 2 file exists: the early scan still starts."""
+    logged_diff(sides)
+    cache_dir, local = engine.default_cache_dir(), str(sides.local)
+    current = Path(engine.HashCache.path_for(cache_dir, local, "xxh3_128"))
+    doc = marshal.loads(current.read_bytes())
+    doc["format"] = 2
+    doc["entries"] = {rel: (engine.CACHE_KEY.unpack(key), digest) for rel, (_, key, digest) in doc["entries"].items()}
+    Path(engine.HashCache.path_for(cache_dir, local, "xxh3_128", format_2=True)).write_bytes(marshal.dumps(doc, 4))
+    current.unlink()
+    audit, event = logged_diff(sides)
+    assert event["local_scan"] == "early"
+    assert audit["post"]["in_sync"] is True
+    assert current.exists()  # converted and written in the current format
 
 
 def test_no_cache_flag_means_no_guess(sides) -> None:

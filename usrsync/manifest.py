@@ -143,9 +143,11 @@ def cached_algo(root: Path, cache_dir: Path | None = None) -> str | None:
     """The algorithm of the most recently written hash cache of this dataset dir, if any."""
     caches = []
     for algo in engine.hash_algos():
-        with contextlib.suppress(OSError):
-            caches.append((os.stat(engine.HashCache.path_for(str(cache_dir or engine.default_cache_dir()),
-                                                             str(root), algo)).st_mtime_ns, algo))
+        for format_2 in (False, True):  # an older usrsync's file counts too: it is converted when loaded
+            with contextlib.suppress(OSError):
+                path = engine.HashCache.path_for(str(cache_dir or engine.default_cache_dir()), str(root), algo,
+                                                 format_2=format_2)
+                caches.append((os.stat(path).st_mtime_ns, algo))
     return max(caches)[1] if caches else None
 
 
