@@ -458,6 +458,8 @@ def _walk(directory, prefix, section):
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:  # gone since the listing: the rescans catch it
             continue
+        except OSError as exc:
+            raise _naming(exc, prefix + name)
         rel = prefix + name
         mode = st.st_mode
         if _isascii is not None and _isascii(rel):  # the common case: nothing to re-encode
@@ -490,11 +492,17 @@ def _walk(directory, prefix, section):
         except OSError as exc:  # gone or replaced since the listing: the rescans catch it
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 continue
-            raise
+            raise _naming(exc, prefix + name)
         try:
             yield from _walk(fd, *sub)
         finally:
             os.close(fd)
+
+
+def _naming(exc, rel):
+    """`exc` again, naming the dataset-relative path (an unreadable directory, say): relative to a
+    directory descriptor the error knows only the entry's own name."""
+    return type(exc)(exc.errno, exc.strerror, rel)
 
 
 def _kind(rel, mode):

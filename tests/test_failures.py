@@ -277,3 +277,28 @@ def test_reader_sees_old_or_new_tree_never_a_mix(sides: Sides, tmp_path: Path, a
     first_new = pairs.index(new_pair)
     assert set(pairs[first_new:]) == {new_pair}
     sides.assert_in_sync()
+
+
+@pytest.mark.parametrize(("path", "mode", "named"), [
+    ("_derived/ns", 0, "_derived/ns"),  # cannot be opened
+    ("_derived/ns", 0o644, "_derived/ns/part-0001.parquet"),  # listed, but its entries cannot be stat'ed
+    ("_derived/ns/part-0001.parquet", 0, "_derived/ns/part-0001.parquet"),  # cannot be read
+], ids=["directory", "directory without x", "file"])
+def test_an_unreadable_remote_path_is_named_with_a_hint_that_helps(sides: Sides, tmp_path: Path, path: str,
+                                                                   mode: int, named: str) -> None:
+    """Files the remote login user cannot read fail the run (skipping them would make a pull delete
+    their local copies). The error names the path below the dataset, not just the entry's name."""
+    sides.seed_both()
+    os.chmod(sides.remote / path, mode)
+    try:
+        r = sides.run("pull", "--audit-json-out", str(tmp_path / "audit.json"))
+    finally:
+        os.chmod(sides.remote / path, 0o755)
+    assert r.returncode == 3, r.stderr
+    error, hint = r.stderr.strip().splitlines()
+    assert error.startswith("error: remote agent: manifest failed: [Errno 13] Permission denied: ")
+    assert error.endswith(f"{named}'") and "'ns'" not in error and "'part-0001.parquet'" not in error
+    assert hint == ("hint: give the remote login user read access there (e.g. `chmod -R u+rX` or ask the owner), "
+                    "then rerun")
+    assert load_audit(tmp_path / "audit.json")["error"]["kind"] == "remote"
+    sides.assert_in_sync()  # nothing was moved or deleted on either side
