@@ -298,7 +298,7 @@ def test_an_unreadable_remote_path_is_named_with_a_hint_that_helps(sides: Sides,
     error, hint = r.stderr.strip().splitlines()
     assert error.startswith("error: remote agent: manifest failed: [Errno 13] Permission denied: ")
     assert error.endswith(f"{named}'") and "'ns'" not in error and "'part-0001.parquet'" not in error
-    assert hint == ("hint: give the remote login user read access there (e.g. `chmod -R u+rX` or ask the owner), "
-                    "then rerun")
+    assert hint == ("hint: give the remote login user access to that path (e.g. `chmod -R u+rwX`, or ask its "
+                    "owner), then rerun")
     assert load_audit(tmp_path / "audit.json")["error"]["kind"] == "remote"
     sides.assert_in_sync()  # nothing was moved or deleted on either side

@@ -45,7 +45,7 @@ class AgentCallError(RemoteError):
     """The agent ran the call and reported an expected failure (`kind` says which)."""
 
     def __init__(self, call: str, body: ErrorBody):
-        hint = ("give the remote login user read access there (e.g. `chmod -R u+rX` or ask the owner), then rerun"
+        hint = ("give the remote login user access to that path (e.g. `chmod -R u+rwX`, or ask its owner), then rerun"
                 if body.kind == "PermissionError" else "run `usr remotes doctor --remote NAME` to check the remote")
         super().__init__(f"remote agent: {call} failed: {body.message}", hint)
         self.agent_kind = body.kind
