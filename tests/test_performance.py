@@ -12,6 +12,7 @@ import marshal
 import mmap
 import operator
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,43 @@ def test_the_agent_loads_a_dataset_hash_cache_once_per_session(tmp_path: Path, m
     assert len(loads) == 1
     cached = engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256").old
     assert {rel: digest for rel, (_, _, digest) in cached.items()} == {"_derived/a": sha(b"a"), "records.parquet": told}
+
+
+def test_a_rescan_with_trusted_digests_leaves_the_cache_file_to_verify_s_remember(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push rescans the destination trusting the digests of the files staging linked. Their keys
+    change again when staging goes, so only verify's remember, after promotion, writes the cache."""
+    base = tmp_path / "base"
+    write(base / "ds", {"records.parquet": b"PAR1", "_derived/a": b"a"})
+    writes: list[bool] = []
+
+    class CountedCache(engine.HashCache):
+        def save(self) -> None:
+            writes.append(self.dirty)
+            super().save()
+
+    monkeypatch.setattr(engine, "HashCache", CountedCache)
+    agent = engine.Agent(io.BytesIO())
+    args = {"base_dir": str(base), "dataset": "ds", "algo": "sha256", "cache": True, "known": None}
+    agent.handle({"id": 1, "call": "manifest", "args": args})
+    assert writes == [True]
+    primary = base / "ds" / "records.parquet"
+    time.sleep(0.05)  # past the kernel's coarse clock tick, so that the link below moves the ctime
+    os.link(primary, tmp_path / "staged")  # staging's hard link moves the ctime: a cache miss
+    linked = os.lstat(primary)
+    trusted = {"records.parquet": [linked.st_ino, 4, linked.st_mtime_ns, sha(b"PAR1")]}
+    agent.handle({"id": 2, "call": "manifest", "args": {**args, "trusted": trusted}})
+    assert agent.hash_caches[(str(base / "ds"), "sha256")].dirty  # the trusted digest was put
+    assert writes == [True]  # but not written
+    os.unlink(tmp_path / "staged")  # staging removed: the ctime moves again
+    expected = {"records.parquet": [4, sha(b"PAR1")], "_derived/a": [1, sha(b"a")]}
+    agent.handle({"id": 3, "call": "verify", "args": {**args, "txid": "t", "subtree": "", "staging": False,
+                                                       "expected": expected, "reread": [], "remember": True}})
+    assert writes == [True, True]
+    now = os.lstat(primary)
+    cached = engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256").old
+    assert cached["records.parquet"][1:] == (engine.cache_key((4, now.st_mtime_ns, now.st_ctime_ns, now.st_ino)),
+                                             sha(b"PAR1"))
 
 
 def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
