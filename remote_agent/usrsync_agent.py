@@ -320,8 +320,8 @@ class HashCache(object):
         # A put(), or an entry the scan did not keep, is a change the file does not have yet.
         self.dirty = self.dirty or self._scan_changed or len(self.new) != len(self.old)
         self.finished = self.new
-        # What was known before is superseded: the kept entries are in `new`, keyed by the scan's
-        # own path strings (shared with its entries). At a million files, ~120 MB less to hold.
+        # What was known before is superseded: the kept entries are in `new`, keyed by the path
+        # strings the scan's entries hold. At a million files, ~120 MB less to hold.
         self.old = {}
 
     def current(self):
@@ -587,10 +587,10 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 # The key a digest is cached under; None when none may be (racy, no cache, or no fit).
                 key = cache_key(st) if cache is not None and not racy else None
                 cached = cache.get(rel, key) if key is not None else None
+                digest = None
                 if cached is not None:
-                    entry[0] = cached[0]  # the cache's string: this scan's copy goes with the batch
-                digest = cached[2] if cached is not None else None
-                if digest is None and trusted and not racy:
+                    entry[0], digest = cached[0], cached[2]  # the cache's path string: the scan's goes with the batch
+                elif trusted and not racy:
                     known = trusted.get(rel)
                     if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
                         digest = known[3]
