@@ -7,6 +7,7 @@ classify and hash identically. On the remote it runs as `... serve NONCE` and sp
 length-prefixed JSON frames on stdin/stdout after a sentinel line.
 """
 
+import bisect
 import collections
 import contextlib
 import errno
@@ -29,7 +30,8 @@ import sys
 import threading
 import time
 import zlib
-from operator import itemgetter
+from itertools import islice
+from operator import attrgetter, itemgetter, lt
 from stat import S_ISLNK, S_ISREG
 
 try:  # optional: XXH3-128 is ~10x faster than sha256, but login nodes rarely have it
@@ -46,7 +48,8 @@ CHUNK_ENTRIES = 5000
 CHUNK_SPLIT = 1024  # a manifest chunk holds ~1000 entries on average: see manifest_chunks()
 RACY_WINDOW_NS = 2 * 10**9  # git's racy-clean rule
 BREAK_GUARD_STALE = 30  # seconds after which a lock breaker's guard file is itself stale
-CACHE_FORMAT = 3  # 1: JSON; 2: (key as a tuple of four ints, digest) (read and converted: see HashCache)
+CACHE_FORMAT = 4  # 1: JSON; 2: {relpath: (key as four ints, digest)}; 3: {relpath: (relpath, packed key, digest)}
+CACHE_FORMATS_READ = (4, 3, 2)  # newest first; 2 and 3 are converted when loaded (see HashCache)
 FLAG_ZLIB = 1
 EXIT_AGENT_MISSING = 96  # loader exit codes: the orchestrator uploads and retries
 EXIT_AGENT_MISMATCH = 97
@@ -234,6 +237,8 @@ def default_cache_dir():
 # A hash cache entry's key, packed: (size, mtime_ns, ctime_ns, inode) in 32 bytes. As a tuple of four
 # ints it took ~190 bytes, and a million of them ~120 MB more on each end and 30% longer to load.
 CACHE_KEY = struct.Struct("<QqqQ")
+KEY_SIZE = CACHE_KEY.size
+DIGEST_SIZES = {"xxh3_128": 16, "sha256": 32}
 
 
 def cache_key(st):
@@ -246,52 +251,54 @@ def cache_key(st):
 
 
 class HashCache(object):
-    """relpath -> (relpath, cache_key(FileStat), digest), one file per dataset and algo.
+    """Digests of settled files by relpath and cache_key(), one file per dataset and algo.
 
-    The value repeats its path (marshal writes the string once): a hit hands the scan the cache's
-    own path string, so a scan does not hold a second copy of every path (~90 MB per million).
+    Three columns, sorted by path: `paths` (unique), `keys` (the packed keys, KEY_SIZE bytes each,
+    in one bytes object) and `digests` (the raw digests, `width` bytes each, likewise). A million
+    entries hold ~150 MB and load in ~0.2 s; as a dict of (path, key, hex digest) tuples (format 3)
+    they held ~350 MB and loaded in ~0.9 s. Scans walk nearly in path order (see _walk), so a lookup
+    is mostly one comparison at a cursor, a bisection otherwise. A hit hands the scan the cache's own
+    path string, so a scan does not hold a second copy of every path (~90 MB per million).
 
-    Never keyed on st_dev (it changes across NFS/Lustre remounts). A corrupt or foreign
-    cache file is ignored and rebuilt, never trusted. Stored with marshal (format 4, which
-    Python 3.4+ reads): a no-op scan of 100k files loads it in ~30 ms, JSON took ~200 ms.
-    A format 2 file is converted when loaded, not rehashed.
+    Never keyed on st_dev (it changes across NFS/Lustre remounts). A corrupt or foreign cache file
+    is ignored and rebuilt, never trusted. Stored with marshal (Python 3.4+ reads format 4). The
+    files of formats 2 and 3 are converted when loaded, not rehashed, and left in place: each
+    format has its own file name, so an older usrsync still running on the account (a cron job's
+    venv) keeps its cache instead of both versions rehashing everything in turn.
 
-    `old` is what was known before the current scan, `new` what it keeps. One object may serve
-    several scans of a run (loading and saving it costs ~0.1 s per 100k files each): each scan
-    runs between start_scan() and finish_scan(), and the object's owner saves it. A scan cut
-    short never finishes, so what is saved is always a whole scan's result.
+    One object may serve several scans of a run: each scan runs between start_scan() and
+    finish_scan(), and the object's owner saves it. A scan cut short never finishes, so what is
+    saved is always a whole scan's result: the entries it met unchanged (get) and those it put.
     """
 
     def __init__(self, cache_dir, root, algo):
         self.root = root
         self.algo = algo
+        self.width = DIGEST_SIZES[algo]
         self.path = self.path_for(cache_dir, root, algo)
-        self.old = {}
-        self.new = {}
+        self.paths, self.keys, self.digests = [], b"", b""
         self.dirty = False
         self.loaded_ok = False
-        self.finished = None  # what the last finished scan kept
-        self._scan_changed = False
-        entries = self._read(self.path, CACHE_FORMAT)
-        if entries is None:
-            # Format 2 lives in the unversioned file, which an older usrsync on this account may
-            # still use: it is converted, never rehashed, and left in place for that version.
-            entries = self._read(self.path_for(cache_dir, root, algo, format_2=True), 2)
-            if entries is not None:
-                with gc_paused():
-                    entries = _packed_keys(entries)
-                self.dirty = True  # written in the current format, to its own file
-        if entries is not None:
-            self.old = entries
-            self.loaded_ok = True
+        self._kept = None  # during a scan: a byte per entry, set when get() finds it unchanged
+        self._added = ([], bytearray(), bytearray())  # put() since the last finish: path, key, digest columns
+        self._cursor = 0
+        for cache_format in CACHE_FORMATS_READ:
+            columns = self._read(self.path_for(cache_dir, root, algo, cache_format), cache_format)
+            if columns is not None:
+                self.paths, self.keys, self.digests = columns
+                self.loaded_ok = True
+                self.dirty = cache_format != CACHE_FORMAT  # converted: written to the current format's file
+                break
 
     @staticmethod
-    def path_for(cache_dir, root, algo, format_2=False):
+    def path_for(cache_dir, root, algo, cache_format=None):
         name = hashlib.sha256(("%s\x00%s" % (root, algo)).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        return os.path.join(cache_dir, "hashes", name + (".marshal" if format_2 else ".v%d.marshal" % CACHE_FORMAT))
+        cache_format = cache_format or CACHE_FORMAT
+        suffix = ".marshal" if cache_format == 2 else ".v%d.marshal" % cache_format  # 2 came before versioned names
+        return os.path.join(cache_dir, "hashes", name + suffix)
 
     def _read(self, path, cache_format):
-        """The entries of the cache file at `path` if it holds this root's and algo's cache in that format."""
+        """The columns of the cache file at `path` if it holds this root's and algo's cache in that format."""
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
@@ -299,53 +306,145 @@ class HashCache(object):
                 doc = marshal.loads(data)
         except (OSError, EOFError, ValueError, TypeError):
             return None
-        if (
-            type(doc) is dict
-            and doc.get("format") == cache_format
-            and doc.get("root") == self.root
-            and doc.get("algo") == self.algo
-            and type(doc.get("entries")) is dict
-        ):
-            return doc["entries"]
-        return None
+        del data
+        if not (type(doc) is dict and doc.get("format") == cache_format and doc.get("root") == self.root
+                and doc.get("algo") == self.algo):
+            return None
+        if cache_format == CACHE_FORMAT:
+            return self._checked(doc.get("paths"), doc.get("keys"), doc.get("digests"))
+        entries = doc.get("entries")
+        if type(entries) is not dict:
+            return None
+        with gc_paused():
+            return self._converted(entries if cache_format == 3 else _packed_keys(entries))
+
+    def _checked(self, paths, keys, digests):
+        """Columns read from a file, or None unless they are well-formed: sorted unique str paths and
+        a key and a digest of the right sizes for each (a lookup compares, slices and bisects them)."""
+        if not (type(paths) is list and type(keys) is bytes and type(digests) is bytes
+                and len(keys) == KEY_SIZE * len(paths) and len(digests) == self.width * len(paths)):
+            return None
+        if not all(type(path) is str for path in paths) or not all(map(lt, paths, islice(paths, 1, None))):
+            return None
+        return paths, keys, digests
+
+    def _converted(self, entries):
+        """Format 3's {relpath: (relpath, key, hex digest)} as columns; a malformed entry is left
+        out (rehashed), as format 3's lookup would never have used it."""
+        rows = []
+        for rel, value in entries.items():
+            if not (type(value) is tuple and len(value) == 3 and type(rel) is str and value[0] == rel
+                    and type(value[1]) is bytes and len(value[1]) == KEY_SIZE):
+                continue
+            digest = self._raw(value[2])
+            if digest is not None:
+                rows.append((rel, value[1], digest))
+        rows.sort(key=_first)
+        return [row[0] for row in rows], b"".join(row[1] for row in rows), b"".join(row[2] for row in rows)
+
+    def _raw(self, digest):
+        """A hex digest of this algo as bytes, or None."""
+        try:
+            raw = bytes.fromhex(digest)
+        except (TypeError, ValueError):
+            return None
+        return raw if len(raw) == self.width else None
 
     def start_scan(self):
-        """What the last finished scan kept (or what was loaded) is what is known."""
-        if self.finished is not None:
-            self.old = self.finished
-        self.new = {}
-        self._scan_changed = False
+        self._kept = bytearray(len(self.paths))
+        self._added = ([], bytearray(), bytearray())
+        self._cursor = 0
 
     def finish_scan(self):
-        # A put(), or an entry the scan did not keep, is a change the file does not have yet.
-        self.dirty = self.dirty or self._scan_changed or len(self.new) != len(self.old)
-        self.finished = self.new
-        # What was known before is superseded: the kept entries are in `new`, keyed by the path
-        # strings the scan's entries hold. At a million files, ~120 MB less to hold.
-        self.old = {}
-
-    def current(self):
-        """Every entry as of now: the last finished scan's, or the loaded ones before any."""
-        return self.finished if self.finished is not None else self.old
+        """What the scan met unchanged and what it put become the entries; the rest goes."""
+        kept, self._kept = self._kept, None
+        self._apply(_zero_positions(kept))
 
     def get(self, relpath, key):
-        """The cached (relpath, key, digest) when the whole key (a cache_key()) matches; the entry
-        is then kept, under the cache's path string."""
-        hit = self.old.get(relpath)
-        # A few C-level comparisons: this runs once per file on every no-op scan.
-        if type(hit) is tuple and len(hit) == 3 and hit[1] == key and type(hit[2]) is str and hit[0] == relpath:
-            self.new[hit[0]] = hit
-            return hit
-        return None
+        """(the cache's path string, hex digest) when relpath's whole key (a cache_key()) matches;
+        the entry is then kept. Called once per file on every scan, nearly in path order: first
+        one comparison at the cursor, a bisection only when that misses."""
+        paths = self.paths
+        i = self._cursor
+        if i >= len(paths) or paths[i] != relpath:
+            i = bisect.bisect_left(paths, relpath)
+            if i >= len(paths) or paths[i] != relpath:
+                self._cursor = i
+                return None
+        self._cursor = i + 1
+        if self.keys[i * KEY_SIZE:(i + 1) * KEY_SIZE] != key:
+            return None
+        self._kept[i] = 1
+        width = self.width
+        return paths[i], self.digests[i * width:(i + 1) * width].hex()
 
     def put(self, relpath, key, digest):
-        self.new[relpath] = (relpath, key, digest)
-        self._scan_changed = True
+        """Cache `digest` under `key` once the scan finishes (or add() applies it)."""
+        raw = self._raw(digest)
+        if raw is not None:
+            paths, keys, digests = self._added
+            paths.append(relpath)
+            keys += key
+            digests += raw
+
+    def add(self, items):
+        """Put (relpath, key, hex digest) items outside a scan, every other entry kept."""
+        for rel, key, digest in items:
+            self.put(rel, key, digest)
+        self._apply(())
+
+    def _apply(self, removed):
+        """The columns without the entries at the sorted positions `removed`, with what was put
+        since the last apply merged in (the last put of a path wins, over an old entry too)."""
+        added_paths, added_keys, added_digests = self._added
+        self._added = ([], bytearray(), bytearray())
+        if not removed and not added_paths:
+            return
+        self.dirty = True
+        width = self.width
+        # The puts by path, the last of each path kept (sorted() is stable).
+        order = sorted(range(len(added_paths)), key=added_paths.__getitem__)
+        adds = [j for n, j in enumerate(order) if n + 1 == len(order) or added_paths[order[n + 1]] != added_paths[j]]
+        paths, keys, digests = self.paths, self.keys, self.digests
+        if not paths:  # a first scan: the puts are the columns
+            self.paths = [added_paths[j] for j in adds]
+            self.keys = b"".join(added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE] for j in adds)
+            self.digests = b"".join(added_digests[j * width:(j + 1) * width] for j in adds)
+            return
+        # Cut points in the old columns: an entry removed (or replaced by a put) is left out, and
+        # puts go in before the old entry at their bisection point, in path order (their rank).
+        events = [(i, 1, 0) for i in removed]
+        for rank, j in enumerate(adds):
+            i = bisect.bisect_left(paths, added_paths[j])
+            events.append((i, 0, rank))
+            if i < len(paths) and paths[i] == added_paths[j]:
+                events.append((i, 1, 0))
+        events.sort()
+        new_paths, new_keys, new_digests = [], [], []
+        start = 0
+        for i, is_removal, rank in events:
+            if start < i:
+                new_paths += paths[start:i]
+                new_keys.append(keys[start * KEY_SIZE:i * KEY_SIZE])
+                new_digests.append(digests[start * width:i * width])
+                start = i
+            if is_removal:
+                start = max(start, i + 1)
+            else:
+                j = adds[rank]
+                new_paths.append(added_paths[j])
+                new_keys.append(added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE])
+                new_digests.append(added_digests[j * width:(j + 1) * width])
+        new_paths += paths[start:]
+        new_keys.append(keys[start * KEY_SIZE:])
+        new_digests.append(digests[start * width:])
+        self.paths, self.keys, self.digests = new_paths, b"".join(new_keys), b"".join(new_digests)
 
     def save(self):
         if not self.dirty:
-            return  # every entry came back unchanged (get() kept them): the file is current
-        doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo, "entries": self.current()}
+            return  # every entry came back unchanged: the file is current
+        doc = {"format": CACHE_FORMAT, "root": self.root, "algo": self.algo,
+               "paths": self.paths, "keys": self.keys, "digests": self.digests}
         try:
             atomic_write(self.path, marshal.dumps(doc, 4), mode=0o600)
             self.dirty = False
@@ -353,9 +452,19 @@ class HashCache(object):
             pass  # a cache is an optimisation: a read-only home must not fail the sync
 
 
+def _zero_positions(flags):
+    """The positions of the zero bytes of `flags`, found at C speed (a no-op scan has none)."""
+    positions = []
+    i = flags.find(0)
+    while i >= 0:
+        positions.append(i)
+        i = flags.find(0, i + 1)
+    return positions
+
+
 def _packed_keys(entries):
     """Format 2's entries {relpath: ((size, mtime_ns, ctime_ns, inode), digest)} as format 3's;
-    a malformed entry is left out (rehashed), as get() would never have used it."""
+    a malformed entry is left out (rehashed), as its lookup would never have used it."""
     packed = {}
     for rel, value in entries.items():
         try:
@@ -424,6 +533,7 @@ def gc_paused():
 
 _isascii = getattr(str, "isascii", None)  # Python >= 3.7
 _first = itemgetter(0)
+_name = attrgetter("name")
 # What a scan keeps of an lstat (the hash cache keys on it, packed: cache_key). An os.stat_result
 # takes ~600 bytes, this ~170: a scan holds one per file of the directory at hand.
 _FileStat = collections.namedtuple("FileStat", "st_size st_mtime_ns st_ctime_ns st_ino")
@@ -439,11 +549,13 @@ _SUBDIR_FLAGS = _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0)  # below the root: nev
 def _walk(directory, prefix, section):
     """Yield, one directory at a time, lists of (relpath, section, kind, FileStat) of the non-directories
     below `directory` (the dataset root plus `prefix`; an fd where _SCANDIR_FD), runtime files left out.
-    Unsorted: listings come in disk order. A consumer that builds its own per-file objects as the
-    batches come never holds a second whole-tree list (~250 bytes per file at a million files).
-    The rules of classify(), applied once per directory: the top-level name fixes the section."""
+    Each directory's files come sorted by name, before its subdirectories (also by name): nearly
+    path order, in which the hash cache looks entries up fastest. A consumer that builds its own
+    per-file objects as the batches come never holds a second whole-tree list (~250 bytes per file
+    at a million files). The rules of classify(), applied once per directory: the top-level name
+    fixes the section."""
     with os.scandir(directory) as listing:
-        entries = list(listing)
+        entries = sorted(listing, key=_name)
     files = []
     subdirs = []
     for entry in entries:
@@ -589,7 +701,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 cached = cache.get(rel, key) if key is not None else None
                 digest = None
                 if cached is not None:
-                    entry[0], digest = cached[0], cached[2]  # the cache's path string: the scan's goes with the batch
+                    entry[0], digest = cached  # the cache's path string: the scan's goes with the batch
                 elif trusted and not racy:
                     known = trusted.get(rel)
                     if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
@@ -601,7 +713,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 else:
                     to_hash.append((entry, key))  # the key, not the FileStat: ~190 bytes less per file
             del batch  # this directory's FileStats can go: entries and keys hold what is needed
-        entries.sort(key=_first)  # near-sorted already only by chance: listings come in disk order
+        entries.sort(key=_first)  # runs already sorted (see _walk): merged, not sorted from scratch
 
     done = [0, 0]
     lock = threading.Lock()
@@ -649,6 +761,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 for _ in pool.map(work, big):
                     pass
+        del small, big
+    del to_hash  # ~130 bytes a file hashed: gone before the cache merges what was put and saves it
     if cache is not None:
         cache.finish_scan()
         if owned:
@@ -1018,7 +1132,7 @@ def remember_digests(cache, proven):
     next scan need not read those files again. `proven`: {relpath: [inode, size, mtime_ns, digest]}
     as seen when they were proved; a file whose inode, size or mtime no longer match, or that is
     racy, is left out. Every other cache entry is kept."""
-    entries = cache.current()
+    items = []
     racy_from = _time_ns() - RACY_WINDOW_NS
     for rel, (ino, size, mtime_ns, digest) in proven.items():
         try:
@@ -1028,8 +1142,8 @@ def remember_digests(cache, proven):
         key = cache_key((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         if S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime_ns) \
                 and mtime_ns < racy_from and key is not None:
-            entries[rel] = (rel, key, digest)
-            cache.dirty = True
+            items.append((rel, key, digest))
+    cache.add(items)
 
 
 def reread_digests(stats, expected, reread):

@@ -19,6 +19,7 @@ import pytest
 import rig as rigmod
 import tomli_w
 
+from remote_agent import usrsync_agent as engine
 from usrsync.dataset import classify
 from usrsync.manifest import Entry, Manifest
 
@@ -260,3 +261,22 @@ def write_to_terminal(config: pytest.Config, title: str, lines: Sequence[str]) -
         reporter.write_sep("-", title)
         for line in lines:
             reporter.write_line(line)
+
+
+def cache_entries(paths: list[str], keys: bytes, digests: bytes) -> dict[str, tuple[bytes, str]]:
+    """A hash cache's columns (engine.HashCache, or its file) as {relpath: (packed key, hex digest)}."""
+    width = len(digests) // len(paths) if paths else 0
+    size = engine.KEY_SIZE
+    return {rel: (keys[i * size:(i + 1) * size], digests[i * width:(i + 1) * width].hex())
+            for i, rel in enumerate(paths)}
+
+
+def loaded_cache(cache: engine.HashCache) -> dict[str, tuple[bytes, str]]:
+    return cache_entries(cache.paths, cache.keys, cache.digests)
+
+
+def cache_columns(entries: Mapping[str, tuple[bytes, str]]) -> dict[str, Any]:
+    """{relpath: (packed key, hex digest)} as a cache file's columns."""
+    rels = sorted(entries)
+    return {"paths": rels, "keys": b"".join(entries[rel][0] for rel in rels),
+            "digests": b"".join(bytes.fromhex(entries[rel][1]) for rel in rels)}

@@ -230,8 +230,8 @@ def test_same_size_rewrite_with_restored_mtime_differs(sides: Sides, tmp_path: P
         algo = data["verify"]["hash_algo"]
         local_cache = engine.HashCache(engine.default_cache_dir(), str(sides.local), algo)
         remote_cache = engine.HashCache(str(sides.rig.home / ".cache" / "usrsync"), str(sides.remote), algo)
-        assert local_cache.loaded_ok and "records.parquet" in local_cache.old
-        assert remote_cache.loaded_ok and "notes/readme.txt" in remote_cache.old
+        assert local_cache.loaded_ok and "records.parquet" in local_cache.paths
+        assert remote_cache.loaded_ok and "notes/readme.txt" in remote_cache.paths
 
     rewrites = [(sides.local / "records.parquet", b"PAR1" + bytes(reversed(range(256))) * 4 + b"PAR1"),
                 (sides.remote / "notes/readme.txt", b"AUXILIARY\n")]

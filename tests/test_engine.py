@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import cache_columns, cache_entries, loaded_cache
 
 from remote_agent import usrsync_agent as engine
 
@@ -325,18 +326,19 @@ class Dataset:
     def document(self) -> dict[str, Any]:
         return marshal.loads(self.cache_path.read_bytes())
 
+    def entries(self) -> dict[str, tuple[bytes, str]]:
+        doc = self.document()
+        return cache_entries(doc["paths"], doc["keys"], doc["digests"])
+
     def cached(self) -> dict[str, list]:
         """Entries as [size, mtime_ns, ctime_ns, inode, digest]."""
-        entries = self.document()["entries"]
-        assert all(path == rel for rel, (path, _, _) in entries.items())
-        return {rel: [*engine.CACHE_KEY.unpack(key), digest] for rel, (_, key, digest) in entries.items()}
+        return {rel: [*engine.CACHE_KEY.unpack(key), digest] for rel, (key, digest) in self.entries().items()}
 
     def forge(self, rel: str, key: list[int] | None = None, **doc: Any) -> None:
         """Replace `rel`'s cache entry by FORGED under `key` (default: the file's current key)."""
-        cache = self.document()
-        cache.update(doc)
-        cache["entries"][rel] = (rel, engine.cache_key(key or self.key(rel)), FORGED)
-        self.cache_path.write_bytes(marshal.dumps(cache, 4))
+        entries = self.entries()
+        entries[rel] = (engine.cache_key(key or self.key(rel)), FORGED)
+        self.cache_path.write_bytes(marshal.dumps({**self.document(), **cache_columns(entries), **doc}, 4))
 
     def key(self, rel: str) -> list[int]:
         st = os.lstat(self.root / rel)
@@ -352,7 +354,7 @@ def test_cache_stores_settled_files_with_their_full_key(tmp_path: Path) -> None:
     }
     doc = ds.document()
     assert (doc["format"], doc["root"], doc["algo"]) == (engine.CACHE_FORMAT, str(ds.root), "sha256")
-    assert set(doc) == {"format", "root", "algo", "entries"}  # no st_dev anywhere
+    assert set(doc) == {"format", "root", "algo", "paths", "keys", "digests"}  # no st_dev anywhere
 
 
 def test_cached_digest_is_reused_when_the_whole_key_matches(tmp_path: Path) -> None:
@@ -471,44 +473,105 @@ def test_corrupt_cache_file_is_ignored_and_rebuilt(tmp_path: Path, garbage: byte
     assert ds.cached()["_derived/a"][4] == sha(b"derived-a")
 
 
-@pytest.mark.parametrize("bad_entry", [(1, 2), "digest", None, [0, 0, 0, 0, 7], "key+7", "flat", "list", "unpacked",
-                                       "format 2", "other path"])
-def test_malformed_cache_entries_are_ignored(tmp_path: Path, bad_entry: Any) -> None:
-    ds = Dataset(tmp_path)
+def test_cache_columns_of_a_good_file_are_taken(tmp_path: Path) -> None:
+    """The file the next test breaks, first whole: so each of its cases fails for its own reason."""
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/b": b"b"})
     ds.manifest()
-    cache = ds.document()
+    ds.forge("_derived/a")
+    assert ds.manifest()["_derived/a"] == FORGED
+
+
+@pytest.mark.parametrize("damage", ["unsorted", "duplicate", "short key", "long digest", "bytes path", "int path",
+                                    "keys as str", "paths as tuple"])
+def test_malformed_cache_columns_are_ignored(tmp_path: Path, damage: str) -> None:
+    """A lookup bisects the paths and slices the keys and digests by position: columns that are not
+    sorted, unique str paths with one key and one digest each are not used at all."""
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/b": b"b"})
+    ds.manifest()
+    ds.forge("_derived/a")
+    doc = ds.document()
+    paths, keys, digests = doc["paths"], doc["keys"], doc["digests"]
+    assert paths == ["_derived/a", "_derived/b", "records.parquet"]
+    size = engine.KEY_SIZE
+    damaged = {
+        "unsorted": {"paths": [paths[1], paths[0], paths[2]]},
+        "duplicate": {"paths": [paths[0], paths[0], paths[2]]},
+        "short key": {"keys": keys[:-1]},
+        "long digest": {"digests": digests + b"\0" * 3},
+        "bytes path": {"paths": [p.encode() for p in paths]},
+        "int path": {"paths": [paths[0], 7, paths[2]]},
+        "keys as str": {"keys": keys[:size].hex()},
+        "paths as tuple": {"paths": tuple(paths)},
+    }[damage]
+    ds.cache_path.write_bytes(marshal.dumps({**doc, **damaged}, 4))
+    assert not engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256").loaded_ok
+    assert ds.manifest() == {"records.parquet": sha(b"PAR1"), "_derived/a": sha(b"a"), "_derived/b": sha(b"b")}
+    assert ds.document()["paths"] == paths  # rebuilt
+
+
+def format_3_entry(ds: Dataset, rel: str, digest: str = FORGED) -> tuple[str, bytes, str]:
+    return rel, engine.cache_key(ds.key(rel)), digest
+
+
+@pytest.mark.parametrize("bad_entry", [(1, 2), "digest", None, [0, 0, 0, 0, 7], "key+7", "flat", "list", "unpacked",
+                                       "format 2", "other path", "short digest", "not hex"])
+def test_malformed_format_3_entries_are_left_out_when_converted(tmp_path: Path, bad_entry: Any) -> None:
+    ds = Dataset(tmp_path)
     key = ds.key("_derived/a")
     packed = engine.cache_key(key)
     forged = {"key+7": ("_derived/a", packed, 7), "flat": ("_derived/a", packed + FORGED.encode()),
               "list": ["_derived/a", packed, FORGED], "unpacked": ("_derived/a", tuple(key), FORGED),
               "format 2": (packed, FORGED),  # a format 2 entry, keys packed, in a format 3 file
-              "other path": ("records.parquet", packed, FORGED)}  # would rename the entry
-    cache["entries"]["_derived/a"] = forged.get(bad_entry, bad_entry) if isinstance(bad_entry, str) else bad_entry
-    ds.cache_path.write_bytes(marshal.dumps(cache, 4))
-    assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+              "other path": ("records.parquet", packed, FORGED),  # would rename the entry
+              "short digest": ("_derived/a", packed, FORGED[:-2]), "not hex": ("_derived/a", packed, "x" * 64)}
+    entries = {"_derived/a": forged.get(bad_entry, bad_entry) if isinstance(bad_entry, str) else bad_entry,
+               "records.parquet": format_3_entry(ds, "records.parquet")}
+    write_format(ds, 3, {"format": 3, "root": str(ds.root), "algo": "sha256", "entries": entries})
+    assert ds.manifest() == {"records.parquet": FORGED, "_derived/a": sha(b"derived-a")}  # the good one converted
 
 
-def test_a_format_2_cache_is_converted_not_rehashed_and_left_to_older_versions(tmp_path: Path) -> None:
-    """Format 2 kept each key as a tuple of four ints, in a file without a version in its name. Its
-    digests still count (a large dataset must not be reread because the cache's layout changed).
-    Format 3 goes to its own file: an older usrsync still running on the account (a cron job's
-    venv) keeps reading its own, instead of both rehashing everything in turn."""
+def write_format(ds: Dataset, cache_format: int, doc: dict[str, Any]) -> Path:
+    path = Path(engine.HashCache.path_for(str(ds.cache_dir), str(ds.root), "sha256", cache_format))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(marshal.dumps(doc, 4))
+    return path
+
+
+@pytest.mark.parametrize("cache_format", [2, 3])
+def test_an_older_format_is_converted_not_rehashed_and_left_to_older_versions(tmp_path: Path,
+                                                                            cache_format: int) -> None:
+    """Format 2 kept each key as a tuple of four ints, in a file without a version in its name;
+    format 3 a dict of (path, packed key, hex digest). Their digests still count (a large dataset
+    must not be reread because the cache's layout changed). Each format has a file of its own: an
+    older usrsync still running on the account (a cron job's venv) keeps reading its own, instead
+    of both rehashing everything in turn."""
     ds = Dataset(tmp_path)
-    old = {"format": 2, "root": str(ds.root), "algo": "sha256", "entries": {
-        "_derived/a": (tuple(ds.key("_derived/a")), FORGED),
-        "records.parquet": ((1, 2), sha(b"PAR1-primary")),  # malformed: left out, rehashed
-    }}
-    format_2 = Path(engine.HashCache.path_for(str(ds.cache_dir), str(ds.root), "sha256", format_2=True))
-    assert format_2 != ds.cache_path and ds.cache_path.name.endswith(".v3.marshal")
-    format_2.parent.mkdir(parents=True)
-    format_2.write_bytes(marshal.dumps(old, 4))
+    if cache_format == 2:
+        entries: dict[str, Any] = {"_derived/a": (tuple(ds.key("_derived/a")), FORGED),
+                                   "records.parquet": ((1, 2), sha(b"PAR1-primary"))}  # malformed: rehashed
+    else:
+        entries = {"_derived/a": format_3_entry(ds, "_derived/a"),
+                   "records.parquet": ("records.parquet", b"short", sha(b"PAR1-primary"))}  # malformed: rehashed
+    old = {"format": cache_format, "root": str(ds.root), "algo": "sha256", "entries": entries}
+    path = write_format(ds, cache_format, old)
+    assert path != ds.cache_path and ds.cache_path.name.endswith(".v4.marshal")
+    assert path.name.endswith(".marshal" if cache_format == 2 else ".v3.marshal")
     assert ds.manifest() == {"records.parquet": sha(b"PAR1-primary"), "_derived/a": FORGED}
-    assert ds.document()["format"] == engine.CACHE_FORMAT == 3
+    assert ds.document()["format"] == engine.CACHE_FORMAT == 4
     assert ds.cached() == {"records.parquet": ds.key("records.parquet") + [sha(b"PAR1-primary")],
                            "_derived/a": ds.key("_derived/a") + [FORGED]}
-    assert marshal.loads(format_2.read_bytes()) == old  # untouched
-    ds.forge("_derived/a", key=[0, 0, 0, 0])  # the format 3 file wins once it exists
+    assert marshal.loads(path.read_bytes()) == old  # untouched
+    ds.forge("_derived/a", key=[0, 0, 0, 0])  # the current format's file wins once it exists
     assert ds.manifest()["_derived/a"] == sha(b"derived-a")
+
+
+def test_format_3_is_read_before_format_2(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path)
+    write_format(ds, 2, {"format": 2, "root": str(ds.root), "algo": "sha256",
+                         "entries": {"_derived/a": (tuple(ds.key("_derived/a")), sha(b"format 2"))}})
+    write_format(ds, 3, {"format": 3, "root": str(ds.root), "algo": "sha256",
+                         "entries": {"_derived/a": format_3_entry(ds, "_derived/a")}})
+    assert ds.manifest()["_derived/a"] == FORGED
 
 
 def test_a_file_whose_key_does_not_fit_is_hashed_every_time_and_never_cached(tmp_path: Path) -> None:
@@ -593,31 +656,71 @@ def test_a_borrowed_cache_serves_several_scans_and_is_saved_by_its_owner(tmp_pat
     (ds.root / "records.parquet").unlink()
     first = engine.build_manifest(str(ds.root), "sha256", cache=cache)
     assert {e[0]: e[5] for e in first} == {"_derived/a": sha(b"derived-a")}
-    cache.new["_derived/a"] = (*cache.new["_derived/a"][:2], FORGED)  # what this object knows now
+    cache.add([("_derived/a", engine.cache_key(ds.key("_derived/a")), FORGED)])  # what this object knows now
     second = engine.build_manifest(str(ds.root), "sha256", cache=cache)
     assert {e[0]: e[5] for e in second} == {"_derived/a": FORGED}  # the second scan used the first's
-    assert ds.document()["entries"]["_derived/a"][2] == FORGED  # the forged file, untouched
+    assert ds.entries()["_derived/a"][1] == FORGED  # the forged file, untouched
     cache.save()
     assert sorted(ds.cached()) == ["_derived/a"] and ds.cache_path.stat().st_ino != saved.st_ino
 
 
 def test_after_a_scan_the_cache_holds_one_copy_of_each_path(tmp_path: Path) -> None:
-    """What was loaded is let go once a scan finishes: the kept entries are keyed by the very path
-    strings of the scan's entries, not by a second copy of every path. On a hit the entry takes
-    the cache's string, so the scan's own copy is not held either."""
+    """On a hit the entry takes the cache's path string, and a miss puts the entry's own: cache and
+    manifest never hold two copies of one path."""
     ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/b": b"b"})
     ds.manifest()
     write(ds.root, {"_derived/b": b"B"})  # a miss: kept under the scan's string
     cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
-    assert cache.loaded_ok and cache.old
-    loaded = {path: path for path in cache.old}
+    assert cache.loaded_ok
+    loaded = {path: path for path in cache.paths}
     entries = engine.build_manifest(str(ds.root), "sha256", cache=cache)
-    assert cache.old == {}
-    kept = cache.current()
-    assert sorted(kept) == sorted(e[0] for e in entries if e[1] != ".events.log")
+    assert cache.paths == sorted(e[0] for e in entries if e[1] != ".events.log")
     paths = {e[0]: e[0] for e in entries}
-    assert all(key is paths[key] and value[0] is key for key, value in kept.items())
+    assert all(path is paths[path] for path in cache.paths)
     assert [e[0] is loaded[e[0]] for e in entries] == [True, False, True]  # _derived/b missed
+
+
+@pytest.mark.parametrize("change", ["none", "removed", "added", "replaced", "all"])
+def test_a_scan_keeps_what_it_met_and_what_it_put_in_path_order(tmp_path: Path, change: str) -> None:
+    """The columns after a scan: the unchanged entries in place, a removed file's entry gone, a new or
+    rehashed one merged in at its place. Many files, so the splice runs over real stretches."""
+    files = {f"_derived/d{i % 7}/f{i:03d}": b"%d" % i for i in range(300)}
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", **files})
+    ds.manifest()
+    before = ds.entries()
+    expected = dict(before)
+    if change in ("removed", "all"):
+        for rel in ("_derived/d0/f000", "_derived/d3/f150", "records.parquet"):
+            (ds.root / rel).unlink()
+            del expected[rel]
+    if change in ("added", "all"):
+        write(ds.root, {"_derived/d0/f000a": b"new", "_derived/d9/z": b"z", "_auxiliary/x": b"x"})
+    if change in ("replaced", "all"):
+        write(ds.root, {"_derived/d2/f002": b"other", "_derived/d6/f299": b"other too"})
+    digests = ds.manifest()
+    for rel in set(digests) - set(expected) | ({"_derived/d2/f002", "_derived/d6/f299"} & set(digests)):
+        expected[rel] = (engine.cache_key(ds.key(rel)), sha((ds.root / rel).read_bytes()))
+    doc = ds.document()
+    assert doc["paths"] == sorted(expected) and ds.entries() == expected
+    cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
+    assert loaded_cache(cache) == expected
+
+
+def test_puts_in_any_order_land_in_path_order_and_the_last_put_wins(tmp_path: Path) -> None:
+    """Digests are put in the order hashing finishes (threads, remember's dict): the columns are
+    merged by path all the same, several puts between two old entries included."""
+    ds = Dataset(tmp_path, {"a": b"a", "m": b"m", "z": b"z"})
+    ds.manifest()
+    cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
+    key = engine.cache_key([1, 2, 3, 4])
+    digest = {name: hashlib.sha256(name.encode()).hexdigest() for name in ("b", "c", "d", "m", "0", "zz")}
+    cache.add([(name, key, digest[name]) for name in ("d", "zz", "b", "m", "0", "c")])
+    cache.add([("c", key, FORGED)])
+    got = loaded_cache(cache)
+    assert list(got) == cache.paths == ["0", "a", "b", "c", "d", "m", "z", "zz"]
+    assert got["c"] == (key, FORGED) and got["m"] == (key, digest["m"]) and got["a"][1] == sha(b"a")
+    cache.save()
+    assert ds.entries() == got
 
 
 def test_remembered_digests_are_cached_with_the_full_key_and_the_rest_kept(tmp_path: Path) -> None:

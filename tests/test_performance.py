@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import REMOTE, load_audit, local_sides
+from helpers import REMOTE, load_audit, loaded_cache, local_sides
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -223,8 +223,8 @@ def test_the_agent_loads_a_dataset_hash_cache_once_per_session(tmp_path: Path, m
                                                        "expected": expected, "reread": ["_derived/a"],
                                                        "remember": True}})
     assert len(loads) == 1
-    cached = engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256").old
-    assert {rel: digest for rel, (_, _, digest) in cached.items()} == {"_derived/a": sha(b"a"), "records.parquet": told}
+    cached = loaded_cache(engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256"))
+    assert {rel: digest for rel, (_, digest) in cached.items()} == {"_derived/a": sha(b"a"), "records.parquet": told}
 
 
 def test_a_rescan_with_trusted_digests_leaves_the_cache_file_to_verify_s_remember(
@@ -259,9 +259,9 @@ def test_a_rescan_with_trusted_digests_leaves_the_cache_file_to_verify_s_remembe
                                                        "expected": expected, "reread": [], "remember": True}})
     assert writes == [True, True]
     now = os.lstat(primary)
-    cached = engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256").old
-    assert cached["records.parquet"][1:] == (engine.cache_key((4, now.st_mtime_ns, now.st_ctime_ns, now.st_ino)),
-                                             sha(b"PAR1"))
+    cached = loaded_cache(engine.HashCache(engine.default_cache_dir(), str(base / "ds"), "sha256"))
+    assert cached["records.parquet"] == (engine.cache_key((4, now.st_mtime_ns, now.st_ctime_ns, now.st_ino)),
+                                         sha(b"PAR1"))
 
 
 def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
@@ -352,13 +352,13 @@ def test_after_a_transfer_every_destination_file_is_cached_under_its_current_key
     audit = load_audit(out)
     assert (audit["transfer"]["files"], audit["transfer"]["subtree"]) == (1, "_derived/ns")
     algo = audit["verify"]["hash_algo"]
-    cached = engine.HashCache(engine.default_cache_dir(), str(dest), algo).old
+    cached = loaded_cache(engine.HashCache(engine.default_cache_dir(), str(dest), algo))
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert sorted(cached) == files
     for rel in files:
         st = os.lstat(dest / rel)
         key = engine.cache_key((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-        assert cached[rel] == (rel, key, engine.hash_file(str(dest / rel), algo)[0]), rel
+        assert cached[rel] == (key, engine.hash_file(str(dest / rel), algo)[0]), rel
 
 
 # --- the hash cache is written back only when something changed --------------------------------
@@ -375,11 +375,11 @@ def test_unchanged_scan_leaves_the_cache_file_alone(tmp_path: Path) -> None:
 
     (root / "_derived/b").unlink()
     engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
-    assert sorted(marshal.loads(path.read_bytes())["entries"]) == ["_derived/a", "records.parquet"]
+    assert marshal.loads(path.read_bytes())["paths"] == ["_derived/a", "records.parquet"]
 
     write(root, {"_derived/a": b"A"})
     engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
-    assert marshal.loads(path.read_bytes())["entries"]["_derived/a"][2] == sha(b"A")
+    assert loaded_cache(engine.HashCache(str(cache_dir), str(root), "sha256"))["_derived/a"][1] == sha(b"A")
 
 
 # --- hashing: small files in this thread, large ones on the pool -----------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from helpers import BASE_FILES, DATASET, REMOTE, load_audit, local_sides, set_mtimes, write_tree
+from helpers import BASE_FILES, DATASET, REMOTE, cache_entries, load_audit, local_sides, set_mtimes, write_tree
 from rig import free_port, oldest_python3
 
 from remote_agent import usrsync_agent as engine
@@ -95,9 +95,10 @@ def test_an_older_version_s_cache_is_guessed_from_too(sides) -> None:
     cache_dir, local = engine.default_cache_dir(), str(sides.local)
     current = Path(engine.HashCache.path_for(cache_dir, local, "xxh3_128"))
     doc = marshal.loads(current.read_bytes())
+    entries = cache_entries(doc.pop("paths"), doc.pop("keys"), doc.pop("digests"))
     doc["format"] = 2
-    doc["entries"] = {rel: (engine.CACHE_KEY.unpack(key), digest) for rel, (_, key, digest) in doc["entries"].items()}
-    Path(engine.HashCache.path_for(cache_dir, local, "xxh3_128", format_2=True)).write_bytes(marshal.dumps(doc, 4))
+    doc["entries"] = {rel: (engine.CACHE_KEY.unpack(key), digest) for rel, (key, digest) in entries.items()}
+    Path(engine.HashCache.path_for(cache_dir, local, "xxh3_128", 2)).write_bytes(marshal.dumps(doc, 4))
     current.unlink()
     audit, event = logged_diff(sides)
     assert event["local_scan"] == "early"

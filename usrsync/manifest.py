@@ -143,10 +143,10 @@ def cached_algo(root: Path, cache_dir: Path | None = None) -> str | None:
     """The algorithm of the most recently written hash cache of this dataset dir, if any."""
     caches = []
     for algo in engine.hash_algos():
-        for format_2 in (False, True):  # an older usrsync's file counts too: it is converted when loaded
+        for cache_format in engine.CACHE_FORMATS_READ:  # an older usrsync's file counts too: it is converted
             with contextlib.suppress(OSError):
                 path = engine.HashCache.path_for(str(cache_dir or engine.default_cache_dir()), str(root), algo,
-                                                 format_2=format_2)
+                                                 cache_format)
                 caches.append((os.stat(path).st_mtime_ns, algo))
     return max(caches)[1] if caches else None
 
