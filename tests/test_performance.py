@@ -274,17 +274,61 @@ def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
 # --- the session: the copy is used, and a broken copy costs only a resend ----------------------
 
 
-def session_manifest(sides_cfg: Path) -> tuple[Manifest, Path]:
+def session_manifest(sides_cfg: Path, local: Manifest | None = None) -> tuple[Manifest, Path]:
     async def run() -> tuple[Manifest, Path]:
         remote = config.get_remote(config.load_remotes(sides_cfg), REMOTE, sides_cfg)
         session = await RemoteSession.open(remote)
         try:
-            found = await session.manifest("densegen/my_dataset", "sha256", jobs=2, use_cache=True)
+            found = await session.manifest("densegen/my_dataset", "sha256", jobs=2, use_cache=True,
+                                           local=None if local is None else asyncio.sleep(0, result=local))
             return found, manifest_copy.copy_path(remote, session.base.base_dir, "densegen/my_dataset", "sha256")
         finally:
             await session.close()
 
     return asyncio.run(run())
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 65535, 65536, 70000])
+def test_the_array_header_is_msgspec_s(count: int) -> None:
+    encoded = msgspec.msgpack.encode([None] * count)
+    header = manifest_copy._array_header(count)
+    assert encoded[:len(header)] == header and len(encoded) == len(header) + count
+
+
+def test_an_unchanged_remote_manifest_equal_to_the_local_one_takes_the_local_entries(tmp_path: Path) -> None:
+    """The daily no-op: our copy of the remote manifest equals this side's, so this side's entries
+    serve both and the copy is not decoded. Enough files for several compared slices."""
+    sides = local_sides(tmp_path / "w")
+    sides.seed_remote({f"_derived/ns/part-{i:05d}": b"%d" % i for i in range(25_000)} | {"records.parquet": b"PAR1"})
+    first, copy = session_manifest(sides.cfg)
+    local = Manifest(exists=True, algo="sha256", entries=manifest_copy.load(copy, first.digest or "") or [])
+    assert local.entries == first.entries and local.entries is not first.entries
+    shared, _ = session_manifest(sides.cfg, local)
+    assert shared.entries is local.entries and shared.digest == first.digest
+
+    # One entry differs (an mtime), or one is missing: the copy is decoded, as before.
+    e = local.entries[12_345]
+    for entries in (local.entries[:12_345] + [msgspec.structs.replace(e, mtime_ns=e.mtime_ns + 1)]
+                    + local.entries[12_346:], local.entries[:-1]):
+        other = Manifest(exists=True, algo="sha256", entries=entries)
+        decoded, _ = session_manifest(sides.cfg, other)
+        assert decoded.entries == first.entries and decoded.entries is not entries
+
+
+def test_the_copy_matches_only_the_very_entries_it_holds(tmp_path: Path) -> None:
+    a, b = entry("_derived/a", b"a"), entry("records.parquet", b"P")
+    path = tmp_path / "copy"
+    manifest_copy.save(path, "d" * 64, [("x" * 32, 2)], [a, b])
+    assert manifest_copy.matches(path, "d" * 64, [a, b])
+    assert not manifest_copy.matches(path, "e" * 64, [a, b])  # another digest
+    assert not manifest_copy.matches(path, "d" * 64, [a])
+    assert not manifest_copy.matches(path, "d" * 64, [a, b, entry("z", b"z")])
+    assert not manifest_copy.matches(path, "d" * 64, [a, entry("records.parquet", b"Q")])
+    data = path.read_bytes()
+    for damaged in (data[:-1], data + b"\xc0"):
+        path.write_bytes(damaged)
+        assert not manifest_copy.matches(path, "d" * 64, [a, b])
+    assert not manifest_copy.matches(tmp_path / "missing", "d" * 64, [a, b])
 
 
 def test_session_reuses_its_copy_and_survives_a_broken_one(tmp_path: Path) -> None:

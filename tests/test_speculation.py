@@ -22,9 +22,9 @@ from rig import free_port, oldest_python3
 from remote_agent import usrsync_agent as engine
 
 
-def manifests_event(stderr: str) -> dict:
+def manifests_event(stderr: str, name: str = "manifests") -> dict:
     events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    return next(e for e in events if e["event"] == "manifests")
+    return next(e for e in events if e["event"] == name)
 
 
 def python_without_xxhash() -> str:
@@ -43,14 +43,14 @@ def sides(tmp_path: Path):
     return sides
 
 
-def logged_diff(sides, *extra: str) -> tuple[dict, dict]:
-    """`usr -v --log-format json diff ...`: (the audit, the "manifests" log event)."""
+def logged_diff(sides, *extra: str, event: str = "manifests") -> tuple[dict, dict]:
+    """`usr -v --log-format json diff ...`: (the audit, the "manifests" log event, or `event`)."""
     audit = sides.root.parent / "audit.json"
     r = subprocess.run([sys.executable, "-m", "usrsync", "--log-format", "json", "-v", "--remotes-config",
                         str(sides.cfg), "diff", DATASET, REMOTE, "--audit-json-out", str(audit), *extra],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    return load_audit(audit), manifests_event(r.stderr)
+    return load_audit(audit), manifests_event(r.stderr, event)
 
 
 def test_no_cache_no_guess_then_the_guess_is_used(sides) -> None:
@@ -127,3 +127,17 @@ def test_a_failed_connection_during_the_early_scan_is_one_clean_error(tmp_path: 
     lines = r.stderr.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["error", "hint"], r.stderr
     assert "127.0.0.1" in lines[0]
+
+
+def test_a_no_op_diff_takes_the_remote_entries_from_the_local_manifest(sides) -> None:
+    """Our copy of the remote manifest equals the local one: nothing is sent or decoded. A local
+    change the remote lacks makes the copy differ: it is decoded, and the diff sees the change."""
+    _, first = logged_diff(sides, event="remote_manifest")
+    assert first["source"] == "sent"
+    audit, second = logged_diff(sides, event="remote_manifest")
+    assert second["source"] == "local" and audit["post"]["in_sync"] is True
+    write_tree(sides.local, {"notes/readme.txt": b"changed here only"})
+    set_mtimes(sides.local, 1_700_000_000)
+    audit, third = logged_diff(sides, event="remote_manifest")
+    assert third["source"] == "copy" and audit["post"]["in_sync"] is False
+    assert audit["_auxiliary"]["differing"] == ["notes/readme.txt"]

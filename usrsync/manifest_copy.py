@@ -28,6 +28,8 @@ from usrsync.manifest import Entry
 _DIGEST_LEN = 64
 _MAX_LAYOUT_LINE = 64 << 20  # ~40 bytes per chunk of ~1000 entries: far beyond any real dataset
 _decoder = msgspec.msgpack.Decoder(list[Entry])
+_encoder = msgspec.msgpack.Encoder()
+_MATCH_SLICE = 10_000  # entries encoded at once by matches(): ~1 MB
 _layout_decoder = msgspec.json.Decoder(list[tuple[str, int]])
 
 
@@ -78,6 +80,40 @@ def load(path: Path, digest: str) -> list[Entry] | None:
         return _decoder.decode(memoryview(data)[body:])
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+
+
+def matches(path: Path, digest: str, entries: list[Entry]) -> bool:
+    """Whether our copy (still) carries `digest` and holds exactly `entries`, compared encoded, a
+    slice at a time. A no-op run whose remote manifest equals the local one, the daily case, then
+    uses the local entries for both instead of decoding a second copy of every entry (~290 bytes
+    a file, ~40 ms per 100k)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(_DIGEST_LEN + 1) != digest.encode("ascii") + b"\n":
+                return False
+            if not handle.readline(_MAX_LAYOUT_LINE).endswith(b"\n"):  # the chunk layout
+                return False
+            header = _array_header(len(entries))
+            if handle.read(len(header)) != header:
+                return False
+            for start in range(0, len(entries), _MATCH_SLICE):
+                piece = entries[start:start + _MATCH_SLICE]
+                encoded = memoryview(_encoder.encode(piece))[len(_array_header(len(piece))):]
+                if handle.read(len(encoded)) != encoded:
+                    return False
+            return handle.read(1) == b""
+    except OSError:
+        return False
+
+
+def _array_header(count: int) -> bytes:
+    """The msgpack header of an array of `count` items: the whole list's in the file, or a slice's
+    in its own encoding (fixarray, array 16 or array 32, the shortest that fits)."""
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
 
 
 def save(path: Path, digest: str, chunks: list[tuple[str, int]], entries: list[Entry]) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 from usrsync import manifest_copy
 from usrsync.compare import EventsLines
@@ -18,6 +21,7 @@ from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
 from usrsync.transport import transport_for
 from usrsync.transport.base import Transport
 
+log = structlog.get_logger("usrsync")
 CALL_TIMEOUT = 6 * 3600  # a manifest of a huge tree may take hours; a dead peer is caught by keepalives
 
 
@@ -151,7 +155,10 @@ class RemoteSession:
         return {"base_dir": self.base.base_dir, "dataset": dataset, **extra}
 
     async def manifest(self, dataset: str, algo: str, *, jobs: int, use_cache: bool,
-                       hash_sections: set[str] | None = None, progress: HashProgress | None = None) -> Manifest:
+                       hash_sections: set[str] | None = None, progress: HashProgress | None = None,
+                       local: Awaitable[Manifest] | None = None) -> Manifest:
+        """The remote's manifest. `local`: this side's, awaited only when the agent answers
+        "unchanged": if our copy of the remote's equals it, its entries serve both."""
         copy = manifest_copy.copy_path(self.remote, self.base.base_dir, dataset, algo)
         head = manifest_copy.read_head(copy) if use_cache else None
         args = self._args(dataset, algo=algo, jobs=jobs, cache=use_cache,
@@ -164,14 +171,16 @@ class RemoteSession:
             from_copy = head is not None and len(received) < reply.count
             saved = await asyncio.to_thread(manifest_copy.load, copy, head.digest) if head and from_copy else None
             entries = _assemble(reply, received, head if from_copy else None, saved)
+            source = "sent+copy" if from_copy else "sent"
         elif head is not None and reply.digest == head.digest:  # nothing was sent: our copy is it
-            saved = await asyncio.to_thread(manifest_copy.load, copy, head.digest)
-            entries = saved if saved is not None and len(saved) == reply.count else None
+            entries, source = await _unchanged_entries(copy, head.digest, reply.count, local)
         if entries is None:
             # Our copy changed or broke since we read its head: have every entry sent.
             args["known"] = args["known_chunks"] = None
             reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
             entries = _assemble(reply, received, None, None)
+            source = "sent"
+        log.debug("remote_manifest", entries=len(entries), source=source)
         manifest = _received(reply, entries, algo)
         if reply.digest is not None and not reply.unchanged:
             await asyncio.to_thread(manifest_copy.save, copy, reply.digest, reply.chunks or [], entries)
@@ -266,6 +275,18 @@ class RemoteSession:
 
     async def close(self) -> None:
         await self.transport.close()
+
+
+async def _unchanged_entries(copy: Path, digest: str, count: int,
+                             local: Awaitable[Manifest] | None) -> tuple[list[Entry] | None, str]:
+    """The entries of an "unchanged" remote manifest, which our copy holds, and where they came
+    from: the local manifest's own ("local") when the copy equals it, else the copy decoded."""
+    if local is not None:
+        mine = (await local).entries
+        if len(mine) == count and await asyncio.to_thread(manifest_copy.matches, copy, digest, mine):
+            return mine, "local"
+    saved = await asyncio.to_thread(manifest_copy.load, copy, digest)
+    return (saved, "copy") if saved is not None and len(saved) == count else (None, "")
 
 
 def _assemble(reply: ManifestReply, received: list[Entry], head: manifest_copy.Head | None,

@@ -352,16 +352,17 @@ class Run:
         await self._drop_speculation()
         return await self._local_manifest(policy)
 
-    async def _remote_manifest(self, policy: Policy) -> Manifest:
+    async def _remote_manifest(self, policy: Policy, local: Awaitable[Manifest]) -> Manifest:
         assert self.session is not None
         return await self.session.manifest(self.dataset, self.algo, jobs=self.options.jobs,
                                            use_cache=self.options.use_cache, hash_sections=policy.hashed_sections(),
-                                           progress=self._hash_progress("remote"))
+                                           progress=self._hash_progress("remote"), local=local)
 
     async def _manifests(self, policy: Policy) -> tuple[Manifest, Manifest]:
         started = time.monotonic()
         guessed = self._speculation[0] if self._speculation is not None else None
-        local, remote = await asyncio.gather(self._local_manifest_now(policy), self._remote_manifest(policy))
+        scanning = asyncio.ensure_future(self._local_manifest_now(policy))
+        local, remote = await asyncio.gather(scanning, self._remote_manifest(policy, scanning))
         await self._save_hash_caches()  # what this scan hashed is kept, whatever happens next
         local_scan = "fresh" if guessed is None else "early" if guessed == self.algo else f"fresh ({guessed} guessed)"
         self.log.info("manifests", local_files=len(local.entries), remote_files=len(remote.entries),
