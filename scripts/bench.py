@@ -443,14 +443,17 @@ class Bench:
         """Run usr like usr() while sampling the peak RSS (VmHWM) of it and of the remote agent."""
         argv, audit = self.usr_argv(action, dataset, remote, root)
         peaks = {"usr": 0.0, "agent": 0.0}
+        uid = pwd.getpwnam(self.rig.user).pw_uid
+
+        def agents() -> set[int]:  # they run as the login user, started by sshd (again after a first deployment)
+            return {pid for pid, cmd in rigmod.processes_of_uid(uid) if "usrsync_agent" in cmd and " serve " in cmd}
+
+        earlier = agents()  # a previous run's agent may still be exiting: its peak is not this run's
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=self.env, text=True)
-        uid = pwd.getpwnam(self.rig.user).pw_uid
         deadline = time.monotonic() + 3600
         while proc.poll() is None and time.monotonic() < deadline:
-            # The agent runs as the login user, started by sshd (again after a first deployment).
-            agents = [pid for pid, cmd in rigmod.processes_of_uid(uid) if "usrsync_agent" in cmd and " serve " in cmd]
-            for who, pid in [("usr", proc.pid)] + [("agent", pid) for pid in agents]:
+            for who, pid in [("usr", proc.pid)] + [("agent", pid) for pid in agents() - earlier]:
                 hwm = rigmod.proc_status(pid).get("VmHWM", "")
                 if hwm.endswith(" kB"):
                     peaks[who] = max(peaks[who], int(hwm[:-3]) * 1024 / 1e6)

@@ -315,6 +315,15 @@ def test_an_unchanged_remote_manifest_equal_to_the_local_one_takes_the_local_ent
         assert decoded.entries == first.entries and decoded.entries is not entries
 
 
+@pytest.mark.parametrize("count", [0, 3, 20_001])
+def test_the_copy_is_written_a_slice_at_a_time_as_one_msgpack_array(tmp_path: Path, count: int) -> None:
+    entries = [entry(f"_derived/part-{i:06d}", b"%d" % i) for i in range(count)]
+    path = tmp_path / "copy"
+    manifest_copy.save(path, "d" * 64, [("x" * 32, count)], entries)
+    assert path.read_bytes().endswith(b"\n" + msgspec.msgpack.encode(entries))
+    assert manifest_copy.load(path, "d" * 64) == entries and manifest_copy.matches(path, "d" * 64, entries)
+
+
 def test_the_copy_matches_only_the_very_entries_it_holds(tmp_path: Path) -> None:
     a, b = entry("_derived/a", b"a"), entry("records.parquet", b"P")
     path = tmp_path / "copy"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -29,7 +30,7 @@ _DIGEST_LEN = 64
 _MAX_LAYOUT_LINE = 64 << 20  # ~40 bytes per chunk of ~1000 entries: far beyond any real dataset
 _decoder = msgspec.msgpack.Decoder(list[Entry])
 _encoder = msgspec.msgpack.Encoder()
-_MATCH_SLICE = 10_000  # entries encoded at once by matches(): ~1 MB
+_SLICE = 10_000  # entries encoded at once (~1 MB): see _encoded()
 _layout_decoder = msgspec.json.Decoder(list[tuple[str, int]])
 
 
@@ -93,17 +94,21 @@ def matches(path: Path, digest: str, entries: list[Entry]) -> bool:
                 return False
             if not handle.readline(_MAX_LAYOUT_LINE).endswith(b"\n"):  # the chunk layout
                 return False
-            header = _array_header(len(entries))
-            if handle.read(len(header)) != header:
-                return False
-            for start in range(0, len(entries), _MATCH_SLICE):
-                piece = entries[start:start + _MATCH_SLICE]
-                encoded = memoryview(_encoder.encode(piece))[len(_array_header(len(piece))):]
-                if handle.read(len(encoded)) != encoded:
+            for piece in _encoded(entries):
+                if handle.read(len(piece)) != piece:
                     return False
             return handle.read(1) == b""
     except OSError:
         return False
+
+
+def _encoded(entries: list[Entry]) -> Iterator[bytes | memoryview]:
+    """`msgspec.msgpack.encode(entries)` in pieces, a slice of entries at a time: a million entries
+    encode to ~90 MB, which neither writing nor comparing a copy needs to hold at once."""
+    yield _array_header(len(entries))
+    for start in range(0, len(entries), _SLICE):
+        piece = entries[start:start + _SLICE]
+        yield memoryview(_encoder.encode(piece))[len(_array_header(len(piece))):]
 
 
 def _array_header(count: int) -> bytes:
@@ -126,7 +131,8 @@ def save(path: Path, digest: str, chunks: list[tuple[str, int]], entries: list[E
         with open(tmp, "wb") as handle:
             handle.write(digest.encode("ascii") + b"\n")
             handle.write(msgspec.json.encode(chunks) + b"\n")
-            handle.write(msgspec.msgpack.encode(entries))
+            for piece in _encoded(entries):
+                handle.write(piece)
         os.replace(tmp, path)
     except (OSError, UnicodeEncodeError):
         with contextlib.suppress(OSError):
