@@ -1603,10 +1603,10 @@ class Agent(object):
                 progress_start=report.start if report else None,
                 cache=cache,
             )
-            # A rescan trusting the digests of the files staging linked is followed by verify's
-            # remember, which saves. The keys it put for those files go stale when staging goes (a
-            # link count change moves ctime): writing them now would cost a save per push for nothing.
-            if cache is not None and not args.get("trusted"):
+            # `save_cache` false: a later call saves (a push's destination rescan is followed by
+            # verify's remember, and the keys put now for the files staging linked go stale when
+            # staging goes: a link count change moves ctime).
+            if cache is not None and args.get("save_cache", True):
                 cache.save()
         reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}
         chunks = [entries[i:i + CHUNK_ENTRIES] for i in range(0, len(entries), CHUNK_ENTRIES)]

@@ -250,7 +250,7 @@ def test_a_rescan_with_trusted_digests_leaves_the_cache_file_to_verify_s_remembe
     os.link(primary, tmp_path / "staged")  # staging's hard link moves the ctime: a cache miss
     linked = os.lstat(primary)
     trusted = {"records.parquet": [linked.st_ino, 4, linked.st_mtime_ns, sha(b"PAR1")]}
-    agent.handle({"id": 2, "call": "manifest", "args": {**args, "trusted": trusted}})
+    agent.handle({"id": 2, "call": "manifest", "args": {**args, "trusted": trusted, "save_cache": False}})
     assert agent.hash_caches[(str(base / "ds"), "sha256")].dirty  # the trusted digest was put
     assert writes == [True]  # but not written
     os.unlink(tmp_path / "staged")  # staging removed: the ctime moves again
@@ -269,6 +269,30 @@ def test_agent_without_known_replies_as_before(tmp_path: Path) -> None:
     result, items = manifest_call(tmp_path / "base")
     assert set(result) == {"exists", "count", "algo", "root"}
     assert len(items) == 1
+
+
+@pytest.mark.parametrize("action", ["push", "pull"])
+def test_only_a_push_s_destination_rescan_leaves_the_agent_s_cache_unsaved(tmp_path: Path, action: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The orchestrator, which knows verify's remember follows a push's destination rescan, says
+    so; a pull's remote rescan (its source) saves as any scan does. Run in-process, recorded."""
+    sides = local_sides(tmp_path / "w")
+    files = {"records.parquet": b"PAR1", "_derived/ns/a": b"a", "_derived/ns/b": b"b"}
+    write(sides.local, files)
+    write(sides.remote, files)
+    write(sides.local if action == "push" else sides.remote, {"_derived/ns/c": b"new"})
+    recorded: list[bool] = []
+    changed_since = RemoteSession.changed_since
+
+    async def recording(self: RemoteSession, *args: Any, **kwargs: Any) -> Manifest | None:
+        recorded.append(kwargs.get("save_cache", True))
+        return await changed_since(self, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteSession, "changed_since", recording)
+    remote = config.get_remote(config.load_remotes(sides.cfg), REMOTE, sides.cfg)
+    doc, code = asyncio.run(sync_mod.run(action, "densegen/my_dataset", remote, sides.root, sync_mod.SyncOptions()))
+    assert (code, doc.data.transfer_state, doc.data.transfer.files) == (0, "TRANSFERRED", 1)
+    assert recorded == [action == "pull"]
 
 
 # --- the session: the copy is used, and a broken copy costs only a resend ----------------------

@@ -469,14 +469,17 @@ class Run:
                                     "nothing was promoted; rerun the same command")
 
     async def _changed_since(self, policy: Policy, side: str, before: Manifest,
-                             trusted: dict[str, list] | None = None) -> Manifest | None:
-        """`side`'s manifest now, or None when the agent proved it unchanged by digest."""
+                             trusted: dict[str, list] | None = None, save_cache: bool = True) -> Manifest | None:
+        """`side`'s manifest now, or None when the agent proved it unchanged by digest.
+        `save_cache` false: the agent leaves its cache to a later call (this side's is saved when
+        the run ends anyway)."""
         if side == "local":
             return await self._local_manifest(policy, trusted=trusted, progress=False)
         assert self.session is not None
         return await self.session.changed_since(self.dataset, before, jobs=self.options.jobs,
                                                 use_cache=self.options.use_cache,
-                                                hash_sections=policy.hashed_sections(), trusted=trusted)
+                                                hash_sections=policy.hashed_sections(), trusted=trusted,
+                                                save_cache=save_cache)
 
     async def _check_before_promotion(self, policy: Policy, plan: TransferPlan, verifying: Awaitable[VerifyReply],
                                       where: str, source: tuple[str, Manifest],
@@ -494,8 +497,10 @@ class Run:
             if result.problems:
                 return result, None  # refused anyway: no need to know more about the destination
             # Staging linked these files, which changed their ctime and so their hash cache key.
+            # The keys put now go stale again when staging goes: after promotion, verify's remember
+            # (push) or the end of the run (pull) saves the cache.
             linked.update(linked_digests(plan, result, dest_before))
-            return result, await self._changed_since(policy, dest_side, dest_before, linked)
+            return result, await self._changed_since(policy, dest_side, dest_before, linked, save_cache=False)
 
         (result, dest_now), source_now = await asyncio.gather(
             verified_then_rescanned(), self._changed_since(policy, source_side, source_before))
