@@ -31,7 +31,7 @@ import threading
 import time
 import zlib
 from itertools import islice
-from operator import attrgetter, itemgetter, lt
+from operator import itemgetter, lt
 from stat import S_ISLNK, S_ISREG
 
 try:  # optional: XXH3-128 is ~10x faster than sha256, but login nodes rarely have it
@@ -401,12 +401,18 @@ class HashCache(object):
         if not removed and not added_paths:
             return
         self.dirty = True
+        paths, keys, digests = self.paths, self.keys, self.digests
+        if not paths and all(map(lt, added_paths, islice(added_paths, 1, None))):
+            # A first scan, its puts unique and in the walk's path order (no big file hashed on a
+            # thread finished out of turn): they are the columns, as they are (~100 MB less to
+            # hold at a million files than sorting them).
+            self.paths, self.keys, self.digests = added_paths, added_keys, added_digests
+            return
         width = self.width
         # The puts by path, the last of each path kept (sorted() is stable).
         order = sorted(range(len(added_paths)), key=added_paths.__getitem__)
         adds = [j for n, j in enumerate(order) if n + 1 == len(order) or added_paths[order[n + 1]] != added_paths[j]]
-        paths, keys, digests = self.paths, self.keys, self.digests
-        if not paths:  # a first scan: the puts are the columns
+        if not paths:  # a first scan whose puts came out of order
             self.paths = [added_paths[j] for j in adds]
             self.keys = b"".join(added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE] for j in adds)
             self.digests = b"".join(added_digests[j * width:(j + 1) * width] for j in adds)
@@ -533,7 +539,6 @@ def gc_paused():
 
 _isascii = getattr(str, "isascii", None)  # Python >= 3.7
 _first = itemgetter(0)
-_name = attrgetter("name")
 # What a scan keeps of an lstat (the hash cache keys on it, packed: cache_key). An os.stat_result
 # takes ~600 bytes, this ~170: a scan holds one per file of the directory at hand.
 _FileStat = collections.namedtuple("FileStat", "st_size st_mtime_ns st_ctime_ns st_ino")
@@ -547,24 +552,30 @@ _SUBDIR_FLAGS = _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0)  # below the root: nev
 
 
 def _walk(directory, prefix, section):
-    """Yield, one directory at a time, lists of (relpath, section, kind, FileStat) of the non-directories
-    below `directory` (the dataset root plus `prefix`; an fd where _SCANDIR_FD), runtime files left out.
-    Each directory's files come sorted by name, before its subdirectories (also by name): nearly
-    path order, in which the hash cache looks entries up fastest. A consumer that builds its own
-    per-file objects as the batches come never holds a second whole-tree list (~250 bytes per file
-    at a million files). The rules of classify(), applied once per directory: the top-level name
-    fixes the section."""
+    """Yield lists of (relpath, section, kind, FileStat) of the non-directories below `directory`
+    (the dataset root plus `prefix`; an fd where _SCANDIR_FD), runtime files left out, in path
+    order: a directory sorts as its name plus "/", which every path below it starts with, so its
+    files come in runs between its subdirectories. Path order is the hash cache's (a lookup is one
+    comparison at a cursor) and the manifest's (the final sort only checks it). A consumer that
+    builds its own per-file objects as the runs come never holds a second whole-tree list (~250
+    bytes per file at a million files). The rules of classify(), applied once per directory: the
+    top-level name fixes the section."""
     with os.scandir(directory) as listing:
-        entries = sorted(listing, key=_name)
+        # is_dir() from d_type: no stat for directories. Names are unique: entries never compared.
+        entries = sorted((entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name, entry)
+                         for entry in listing)
+    parts = []  # runs of files and subdirectory entries, in path order
     files = []
-    subdirs = []
-    for entry in entries:
+    for sort_key, entry in entries:
         name = entry.name
         if name in RUNTIME_ANY_NAMES or not prefix and (name in RUNTIME_TOP_NAMES
                                                         or name.startswith(RUNTIME_TOP_PREFIXES)):
             continue
-        if entry.is_dir(follow_symlinks=False):  # from d_type: no stat for directories
-            subdirs.append(entry)
+        if sort_key[-1] == "/":
+            if files:
+                parts.append(files)
+                files = []
+            parts.append(entry)
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -588,14 +599,19 @@ def _walk(directory, prefix, section):
                       _new_tuple(_FileStat, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))))
     del entries
     if files:
-        yield files
-    files = None  # handed over: the consumer decides what of it to keep
-    for entry in subdirs:
-        name = entry.name
+        parts.append(files)
+    files = None
+    parts.reverse()
+    while parts:
+        part = parts.pop()  # let go of here: a run of files handed over is the consumer's to keep or drop
+        if type(part) is list:
+            yield part
+            continue
+        name = part.name
         sub = (prefix + name + "/", section or TOP_DIR_SECTIONS.get(name, AUXILIARY))
         if not _SCANDIR_FD:
             try:
-                yield from _walk(entry.path, *sub)
+                yield from _walk(part.path, *sub)
             except FileNotFoundError:  # gone since the listing: the rescans catch it
                 pass
             continue
@@ -713,7 +729,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 else:
                     to_hash.append((entry, key))  # the key, not the FileStat: ~190 bytes less per file
             del batch  # this directory's FileStats can go: entries and keys hold what is needed
-        entries.sort(key=_first)  # runs already sorted (see _walk): merged, not sorted from scratch
+        entries.sort(key=_first)  # in path order already (see _walk): one pass to confirm it
 
     done = [0, 0]
     lock = threading.Lock()

@@ -180,8 +180,10 @@ def test_walk_sections_agree_with_classify_by_fd_or_by_path(tmp_path: Path, monk
     batches = list(engine.walk_batches(str(tmp_path)))
     items = [item for batch in batches for item in batch]
     assert [(rel, section) for rel, section, _, _ in items] == [(rel, engine.classify(rel)) for rel, _, _, _ in items]
-    # One batch per directory holding files: the consumer never needs a list of the whole tree.
-    assert sorted(len(batch) for batch in batches) == [1] * 7 + [4]
+    # Runs of one directory's files, in path order: the consumer never needs a list of the whole
+    # tree, nor to sort one. The four top-level files are split by the directories between them.
+    assert [rel for rel, _, _, _ in items] == sorted(rel for rel, _, _, _ in items)
+    assert [len(batch) for batch in batches] == [1] * 11
     assert all(len({rel.rpartition("/")[0] for rel, _, _, _ in batch}) == 1 for batch in batches)
     assert len(items) == 11
     st = os.lstat(tmp_path / "_derived/a/b/c.parquet")
@@ -219,15 +221,35 @@ def test_a_file_removed_between_listing_and_stat_is_left_out(tmp_path: Path, mon
     assert [e[5] for e in entries] == [sha(b"a"), sha(b"z"), sha(b"p")]
 
 
-def test_manifest_entries_are_sorted_by_path_across_directories(tmp_path: Path) -> None:
-    """The walk comes in disk order, a directory at a time; a manifest is sorted by the whole path,
-    where "a/b" sorts after "a.txt" and "a-x/c" but before "a0"."""
+@pytest.mark.parametrize("final_sort", [True, False])
+def test_walk_and_manifest_come_in_path_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              final_sort: bool) -> None:
+    """Sorted by the whole path, where "a/b" sorts after "a.txt" and "a-x/c" but before "a0": the
+    walk yields that order itself (a directory sorts as its name plus "/"), and the manifest keeps
+    it. Without build_manifest's final sort (which then only confirms it) the order is the same."""
     names = ["records.parquet", "a/b", "a.txt", "a-x/c", "a0", "a/b.c/d", "a/b-c", "_derived/x/y", "_derived.txt",
-             "_derived/x.y", "_derived/x-/z", "Z", "é/é"]
+             "_derived/x.y", "_derived/x-/z", "Z", "é/é", "a/b0/e", "a/b.c/d.e/f"]
     write(tmp_path, {name: name.encode() for name in names})
+    assert [rel for batch in engine.walk_batches(str(tmp_path)) for rel, _, _, _ in batch] == sorted(names)
+    if not final_sort:
+        monkeypatch.setattr(engine, "_first", lambda entry: 0)  # every key equal: the sort keeps the walk's order
     entries = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
     assert [e[0] for e in entries] == sorted(names)
     assert all(e[5] == sha(e[0].encode()) for e in entries)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_first_scan_caches_every_file_in_path_order_with_big_files_hashed_on_threads(tmp_path: Path,
+                                                                                    jobs: int) -> None:
+    """Small files are put in the walk's order and become the cache's columns as they are; big
+    ones, hashed on threads, may finish out of turn and are merged in by path."""
+    files = {f"_derived/d{i % 3}/f{i:02d}": b"%d" % i for i in range(30)}
+    files.update({f"_derived/d{i}/big": bytes([i]) * (engine.READ_CHUNK + i) for i in range(3)})
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", **files})
+    digests = ds.manifest(jobs=jobs)
+    cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
+    assert cache.paths == sorted(digests)
+    assert {rel: digest for rel, (_, digest) in loaded_cache(cache).items()} == digests
 
 
 def test_the_collector_is_paused_during_a_scan_and_back_after_the_last_overlapping_one() -> None:
