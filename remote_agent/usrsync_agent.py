@@ -256,8 +256,8 @@ class HashCache(object):
     Three columns, sorted by path: `paths` (unique), `keys` (the packed keys, KEY_SIZE bytes each,
     in one bytes object) and `digests` (the raw digests, `width` bytes each, likewise). A million
     entries hold ~150 MB and load in ~0.2 s; as a dict of (path, key, hex digest) tuples (format 3)
-    they held ~350 MB and loaded in ~0.9 s. Scans walk nearly in path order (see _walk), so a lookup
-    is mostly one comparison at a cursor, a bisection otherwise. A hit hands the scan the cache's own
+    they held ~350 MB and loaded in ~0.9 s. Scans walk in path order (see _walk), so a lookup is
+    one comparison at a cursor, a bisection only past a file added or removed since. A hit hands the scan the cache's own
     path string, so a scan does not hold a second copy of every path (~90 MB per million).
 
     Never keyed on st_dev (it changes across NFS/Lustre remounts). A corrupt or foreign cache file
@@ -362,8 +362,8 @@ class HashCache(object):
 
     def get(self, relpath, key):
         """(the cache's path string, hex digest) when relpath's whole key (a cache_key()) matches;
-        the entry is then kept. Called once per file on every scan, nearly in path order: first
-        one comparison at the cursor, a bisection only when that misses."""
+        the entry is then kept. Called once per file on every scan, in path order: first one
+        comparison at the cursor, a bisection only when that misses."""
         paths = self.paths
         i = self._cursor
         if i >= len(paths) or paths[i] != relpath:
@@ -654,7 +654,8 @@ def fs_path(root, rel):
 
 def walk_batches(root):
     """(relpath, section, kind, FileStat) of every non-directory of a dataset dir, runtime files
-    left out, unsorted, in lists of one directory each (see _walk). Nothing when `root` is missing."""
+    left out, in path order, in lists of one directory's files each (see _walk). Nothing when
+    `root` is missing."""
     try:
         top = os.open(root, _DIR_FLAGS) if _SCANDIR_FD else root
     except FileNotFoundError:

@@ -297,8 +297,9 @@ class Run:
                                       hash_sections=policy.hashed_sections(), trusted=trusted, progress=report,
                                       cancelled=cancelled, cache=cache)
             if cache is not None and self.action == "diff":
-                # A diff scans once: keep what it hashed now, and let go of the cache (~350 bytes
-                # a file) before the remote manifest is decoded beside this one.
+                # A diff scans once: keep what it hashed now, and let go of the cache (its keys and
+                # digests, ~60 bytes a file; the entries hold its paths) before the remote manifest
+                # is compared with, or decoded beside, this one.
                 cache.save()
                 self._hash_caches.pop(algo, None)
             return manifest
