@@ -1040,6 +1040,24 @@ def staging_path(base_dir, dataset, txid):
     return state_dir(base_dir, "staging", "%s.%s" % (dataset_key(dataset), txid))
 
 
+def file_list_path(base_dir, dataset, txid):
+    """Where a transfer keeps its rsync file list (recover() removes one a dead run left)."""
+    if not txid or "/" in txid or "." in txid:  # recover() tells datasets apart by the dot after a txid
+        raise AgentError("bad_request", "malformed txid %r" % (txid,))
+    return state_dir(base_dir, "tmp", "%s.%s.files" % (dataset_key(dataset), txid))
+
+
+def write_file_list(path, names):
+    """rsync's --from0 file list: the names, each ended by a NUL; readable by this user only. A
+    scratch file that lives for one rsync run: not synced to disk."""
+    if not isinstance(names, list) or not all(isinstance(name, str) and "\0" not in name for name in names):
+        raise AgentError("bad_request", "a file list must be names without NUL bytes")
+    makedirs(os.path.dirname(path))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(b"".join(name.encode("utf-8", "surrogateescape") + b"\0" for name in names))
+
+
 def subtree_dir(root, subtree):
     """`root/<subtree>` (dataset-relative; "" is root itself), refusing an unsafe subtree, and
     raising OSError unless every component is a real directory (a planted symlink must not
@@ -1713,6 +1731,22 @@ class Agent(object):
 
     def call_promote(self, args):
         return promote(args["base_dir"], args["dataset"], args["txid"], float(args.get("wait", 0)), args["subtree"])
+
+    def call_write_file_list(self, args):
+        """The file list of a pull's rsync, kept on this side: rsync reads a list on the receiving side
+        and forwards it to the sender name by name, which costs more CPU per file than the copy."""
+        check_dataset_id(args["dataset"])
+        path = file_list_path(args["base_dir"], args["dataset"], args["txid"])
+        write_file_list(path, args["names"])
+        return {"path": path}
+
+    def call_remove_file_list(self, args):
+        check_dataset_id(args["dataset"])
+        path = file_list_path(args["base_dir"], args["dataset"], args["txid"])
+        existed = os.path.lexists(path)
+        if existed:
+            os.unlink(path)
+        return {"removed": existed}
 
     def call_cleanup(self, args):
         staging = staging_path(args["base_dir"], args["dataset"], args["txid"])

@@ -520,6 +520,36 @@ class Bench:
                                  "", note="informational: rsync over system ssh (ControlMaster) instead of the "
                                           "asyncssh relay; same rsync runs as S5"))
 
+    def s5_small(self) -> None:
+        """First pull of the S1 tree into a fresh root: many small files, where per-file costs show."""
+        s = self.scale
+        remote = self.remote_dir("small", "s1")
+        dest = self.small / "s5-small"
+        self.log("S5 small files: first pull of the S1 tree, usr pull vs rsync -a")
+
+        def pull(i: int) -> float:
+            root = dest / "ours"
+            root.mkdir(parents=True)
+            elapsed, data = self.usr("pull", "s1", "small", root)
+            shutil.rmtree(root)
+            if data["transfer"]["files"] != s.small_files + 1 or not data["post"]["in_sync"]:
+                raise RuntimeError(f"S5 small: usr pull moved {data['transfer']['files']} files")
+            return elapsed
+
+        def rsync(i: int) -> float:
+            target = dest / "rsync" / "s1"
+            target.mkdir(parents=True)
+            elapsed = self.rsync(remote, target, "-a")[0]
+            shutil.rmtree(target.parent)
+            return elapsed
+
+        ours, theirs = self.rotate(s.big_reps, [pull, rsync])
+        self.rows.append(Row(f"S5 small files: first pull of S1 ({s.small_files:,} × 4 KiB)", "`usr pull`",
+                             "`rsync -a`", "s", ours, theirs, "",
+                             note="informational (the issue's S5 is the big files): usr also rereads and "
+                                  "hashes every file it staged, and checks the promoted tree; destination on "
+                                  f"{'tmpfs' if dest_is_tmpfs(self.small) else 'disk'}, like the source"))
+
     def s2(self, root: Path) -> None:
         s = self.scale
         local, remote = root / "s2", self.remote_dir("big", "s2")
@@ -767,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_scenarios(bench: Bench, only: set[str]) -> None:
     (bench.small / "remote").mkdir()
     (bench.big / "remote").mkdir(parents=True)
-    if only & {"S1", "S4", "S7"}:
+    if only & {"S1", "S4", "S5", "S7"}:
         bench.setup_small()
     if "S7" in only:
         bench.s7()
@@ -775,6 +805,8 @@ def run_scenarios(bench: Bench, only: set[str]) -> None:
         bench.s1()
     if "S4" in only:
         bench.s4()
+    if "S5" in only:
+        bench.s5_small()
     if "S6" in only:
         bench.s6()
         bench.s6_run()

@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -1325,6 +1326,38 @@ def test_recover_removes_leftover_staging_without_a_journal(base: Path) -> None:
     assert engine.recover(str(base), DATASET) == [f"removed leftover staging {staging.name}"]
     assert not staging.exists()
     assert tree(base / DATASET) == OLD_TREE
+
+
+def test_a_file_list_is_written_for_rsync_and_a_leftover_one_is_recovered(base: Path) -> None:
+    agent = engine.Agent(io.BytesIO())
+    args = {"base_dir": str(base), "dataset": DATASET, "txid": TXID}
+    path = Path(agent.call_write_file_list({**args, "names": ["_derived", "_derived/a b.parquet", "é"]})["path"])
+    assert path == base / ".usrsync" / "tmp" / f"grp%2Fds.{TXID}.files"
+    assert path.read_bytes() == "_derived\0_derived/a b.parquet\0é\0".encode()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a dataset's file names may be private
+    agent.call_write_file_list({**args, "names": ["meta.md"]})  # the next batch replaces it
+    assert path.read_bytes() == b"meta.md\0"
+    assert engine.recover(str(base), DATASET) == [f"removed leftover file list {path.name}"]
+    agent.call_write_file_list({**args, "names": []})
+    assert agent.call_remove_file_list(args) == {"removed": True} and not path.exists()
+    assert agent.call_remove_file_list(args) == {"removed": False}
+
+
+@pytest.mark.parametrize(("change", "kind"), [
+    ({"names": ["a\0b"]}, "bad_request"),  # would split into two names
+    ({"names": "meta.md"}, "bad_request"),
+    ({"names": [b"meta.md"]}, "bad_request"),
+    ({"txid": "x.y"}, "bad_request"),  # recover() tells a dataset's files apart by the dot after the txid
+    ({"txid": "../x"}, "bad_request"),
+    ({"txid": ""}, "bad_request"),
+    ({"dataset": "../elsewhere"}, "unsafe_dataset"),
+])
+def test_a_malformed_file_list_request_is_refused(base: Path, change: dict, kind: str) -> None:
+    args = {"base_dir": str(base), "dataset": DATASET, "txid": TXID, "names": ["meta.md"], **change}
+    with pytest.raises(engine.AgentError) as info:
+        engine.Agent(io.BytesIO()).call_write_file_list(args)
+    assert info.value.kind == kind
+    assert not (base / ".usrsync" / "tmp").exists() or os.listdir(base / ".usrsync" / "tmp") == []
 
 
 def test_recover_leaves_other_datasets_alone(base: Path) -> None:

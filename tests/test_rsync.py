@@ -26,6 +26,7 @@ from usrsync.rsync import (
     RsyncSetupError,
     build_argv,
     explain_exit,
+    lists_on_remote,
     local_rsync_info,
     parse_out_line,
     parse_version,
@@ -312,6 +313,22 @@ def test_argv_local_copy_and_options():
     assert not any(a.startswith(("--timeout", "--rsync-path")) for a in argv)
     assert "-e" not in argv
     assert argv[-3:] == ["--", "/a/src/", "/a/dst/"]
+
+
+def test_a_list_on_the_remote_host_is_named_with_a_leading_colon():
+    argv = argv_for(V350, V350, files_from="/base/.usrsync/tmp/ds.tx.files", remote_list=True)
+    assert [a for a in argv if a.startswith("--files-from")] == ["--files-from=:/base/.usrsync/tmp/ds.tx.files"]
+    # A local list is made absolute: a relative "host:x" would name a remote one.
+    local = argv_for(V350, V350, files_from="list:0")
+    assert [a for a in local if a.startswith("--files-from")] == [f"--files-from={os.path.abspath('list:0')}"]
+
+
+def test_only_a_pull_from_a_remote_rsync_reads_its_list_there():
+    ours, theirs = info(V350), info(V313)
+    assert lists_on_remote(ours, theirs, pull=True)
+    assert not lists_on_remote(ours, theirs, pull=False)  # a push's sender is local: so is its list
+    assert not lists_on_remote(ours, None, pull=True)  # a local copy: no remote host
+    assert not lists_on_remote(info(OPENRSYNC), theirs, pull=True)
 
 
 def test_argv_requires_from0():

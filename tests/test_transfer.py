@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import rig as rigmod
+from click.testing import CliRunner
 from helpers import (
     BASE_FILES,
     DATASET,
+    REMOTE,
     Sides,
     leftovers,
     load_audit,
@@ -24,6 +27,10 @@ from helpers import (
     write_tree,
 )
 from rig import SshRig
+
+from remote_agent import usrsync_agent as engine
+from usrsync import sync
+from usrsync.cli import cli
 
 # The seed runbook's "Quick loop" block (seed/usr-sync-audit-loop.md), verbatim but for
 # `uv run usr` -> `usr` (a function running this checkout) and REMOTE="rig". The comment of
@@ -201,6 +208,31 @@ def test_without_a_local_rsync_a_copy_fails_cleanly_and_a_no_op_or_diff_does_not
     audit = load_audit(sides.root / "pull.json")
     assert (audit["transfer_state"], audit["error"]["kind"]) == ("FAILED", "config")
     assert tree_state(sides.local) == before  # nothing promoted
+    assert leftovers(sides.root) == [] and leftovers(sides.base) == []
+
+
+@pytest.mark.parametrize("action", ["pull", "push"])
+def test_a_pulls_rsync_reads_its_file_lists_on_the_remote_and_a_push_here(
+        sides: Sides, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str) -> None:
+    """A list on the receiving side is forwarded to the sender name by name (see
+    rsync.lists_on_remote): a pull writes each batch's list on the remote, and removes it."""
+    monkeypatch.setattr(sync, "RSYNC_BATCH_FILES", 3)
+    files = {**BASE_FILES, **{f"_derived/ns/part-{i}.parquet": b"PAR1-%d" % i for i in range(4)}}
+    (sides.seed_remote if action == "pull" else sides.seed_local)(files)
+    out = tmp_path / "audit.json"
+    result = CliRunner().invoke(cli, ["--log-format", "json", "-v", "--remotes-config", str(sides.cfg), action,
+                                      DATASET, REMOTE, "-y", "--no-progress", "--audit-json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    lists = [a for e in events if e["event"] == "rsync.start" for a in e["argv"] if a.startswith("--files-from=")]
+    assert len(lists) == -(-len(files) // 3) > 1
+    audit = load_audit(out)
+    name = f"{engine.dataset_key(DATASET)}.{audit['txid']}.files"
+    where = f":{sides.base}" if action == "pull" else str(sides.root)
+    assert set(lists) == {f"--files-from={where}/.usrsync/tmp/{name}"}
+    assert (audit["transfer_state"], audit["transfer"]["files"], audit["post"]["in_sync"]) == (
+        "TRANSFERRED", len(files), True)
+    sides.assert_in_sync()
     assert leftovers(sides.root) == [] and leftovers(sides.base) == []
 
 

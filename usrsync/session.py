@@ -103,6 +103,10 @@ class DatasetListing(msgspec.Struct):
     last_change_ns: int
 
 
+class FileListReply(msgspec.Struct):
+    path: str
+
+
 class LsReply(msgspec.Struct):
     datasets: list[DatasetListing]
 
@@ -255,6 +259,15 @@ class RemoteSession:
                                   "wait for that USR writer to finish or pass --wait SECONDS") from None
             raise
         return reply.method
+
+    async def write_file_list(self, dataset: str, txid: str, names: list[str]) -> str:
+        """Put an rsync file list on the remote (see rsync.lists_on_remote); its remote path."""
+        reply, _ = await self.client.call("write_file_list", self._args(dataset, txid=txid, names=names),
+                                          FileListReply)
+        return reply.path
+
+    async def remove_file_list(self, dataset: str, txid: str) -> None:
+        await self.client.call("remove_file_list", self._args(dataset, txid=txid), dict)
 
     async def cleanup(self, dataset: str, txid: str) -> None:
         await self.client.call("cleanup", self._args(dataset, txid=txid), dict)

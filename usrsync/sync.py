@@ -12,7 +12,7 @@ import functools
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -393,12 +393,25 @@ class Run:
 
     # --- transfers --------------------------------------------------------------------------
 
-    def _files_from(self, staged: list[str]) -> Path:
-        directory = self.root / engine.STATE_DIR / "tmp"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{engine.dataset_key(self.dataset)}.{self.txid}.files"
-        path.write_bytes(b"".join(p.encode("utf-8") + b"\0" for p in files_with_parents(staged)))
-        return path
+    @contextlib.asynccontextmanager
+    async def _file_list(self, staged: list[str], on_remote: bool) -> AsyncIterator[str]:
+        """rsync's list of `staged` and their parents, as a file here or on the remote (see
+        rsync.lists_on_remote), removed once rsync is done with it (or by the next recover())."""
+        assert self.session is not None
+        names = files_with_parents(staged)
+        if on_remote:
+            path = await self.session.write_file_list(self.dataset, self.txid, names)
+        else:
+            path = engine.file_list_path(str(self.root), self.dataset, self.txid)
+            engine.write_file_list(path, names)
+        try:
+            yield path
+        finally:
+            if not on_remote:
+                Path(path).unlink(missing_ok=True)
+            else:
+                with contextlib.suppress(UsrError, asyncssh.Error, OSError, asyncio.IncompleteReadError):
+                    await self.session.remove_file_list(self.dataset, self.txid)
 
     async def _rsync(self, plan: TransferPlan, source: str, dest: str, basis: str | None) -> None:
         assert self.session is not None
@@ -430,15 +443,14 @@ class Run:
                     self.hooks.transfer_progress(moved[0], moved[1], plan.bytes)
 
         files = nbytes = 0
+        remote_list = rsync.lists_on_remote(local_info, None if self.remote.is_local else remote_info,
+                                            pull=self.action == "pull")
         for start in range(0, len(staged), RSYNC_BATCH_FILES):
-            files_from = self._files_from(staged[start:start + RSYNC_BATCH_FILES])
-            try:
+            async with self._file_list(staged[start:start + RSYNC_BATCH_FILES], remote_list) as files_from:
                 argv = rsync.build_argv(local=local_info, remote=remote_info, source=source, dest=dest,
-                                        files_from=files_from, rsh=transport.rsync_rsh(),
+                                        files_from=files_from, remote_list=remote_list, rsh=transport.rsync_rsh(),
                                         rsync_path=transport.rsync_path(), basis_dir=basis)
                 result = await transport.run_rsync(argv, on_change=on_change)
-            finally:
-                files_from.unlink(missing_ok=True)
             self.data.transfer.rsync_exit = result.exit_code
             if result.exit_code != 0:
                 self._rsync_failed(result)
