@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import rig as rigmod  # noqa: E402
 
-SCENARIOS = ("S1", "S2", "S3", "S4", "S4b", "S5", "S6", "S7")
+SCENARIOS = ("S1", "S2", "S3", "S4", "S4b", "S5", "S5s", "S6", "S7")
 BLOCK = 4096
 
 
@@ -525,7 +525,7 @@ class Bench:
         s = self.scale
         remote = self.remote_dir("small", "s1")
         dest = self.small / "s5-small"
-        self.log("S5 small files: first pull of the S1 tree, usr pull vs rsync -a")
+        self.log("S5s: first pull of the S1 tree, usr pull vs rsync -a")
 
         def pull(i: int) -> float:
             root = dest / "ours"
@@ -533,7 +533,7 @@ class Bench:
             elapsed, data = self.usr("pull", "s1", "small", root)
             shutil.rmtree(root)
             if data["transfer"]["files"] != s.small_files + 1 or not data["post"]["in_sync"]:
-                raise RuntimeError(f"S5 small: usr pull moved {data['transfer']['files']} files")
+                raise RuntimeError(f"S5s: usr pull moved {data['transfer']['files']} files")
             return elapsed
 
         def rsync(i: int) -> float:
@@ -544,7 +544,7 @@ class Bench:
             return elapsed
 
         ours, theirs = self.rotate(s.big_reps, [pull, rsync])
-        self.rows.append(Row(f"S5 small files: first pull of S1 ({s.small_files:,} × 4 KiB)", "`usr pull`",
+        self.rows.append(Row(f"S5s first pull of S1 ({s.small_files:,} × 4 KiB)", "`usr pull`",
                              "`rsync -a`", "s", ours, theirs, "",
                              note="informational (the issue's S5 is the big files): usr also rereads and "
                                   "hashes every file it staged, and checks the promoted tree; destination on "
@@ -625,7 +625,7 @@ def s6_child(entries: int) -> dict[str, Any]:
     import msgspec
 
     from usrsync.compare import Policy, compare
-    from usrsync.manifest import Entry, Manifest, engine_entries
+    from usrsync.manifest import Entry, EntryPool, Manifest, engine_entries
     from usrsync.plan import MaxDelete, plan_transfer
 
     baseline = _vm_hwm_mb()
@@ -639,14 +639,16 @@ def s6_child(entries: int) -> dict[str, Any]:
                 1_700_000_000_000_000_000 + i, "file", digest, None]
 
     # Local: engine lists converted as usrsync.manifest.local_manifest does. Remote: JSON chunks as
-    # the agent sends them, decoded into typed entries as usrsync.protocol does.
+    # the agent sends them, decoded into typed entries as usrsync.protocol does, each chunk's
+    # entries equal to local ones then exchanged for those as usrsync.session does.
     primary = ["records.parquet", "primary", 4096, 1_700_000_000_000_000_000, "file", "0" * 32, None]
     local_entries = engine_entries([raw(i, "local") for i in range(entries)] + [primary])
+    pool = EntryPool(local_entries)
     remote_entries: list[Entry] = []
     chunk = 5000
     for start in range(0, entries, chunk):
         body = msgspec.json.encode([raw(i, "remote") for i in range(start, min(entries, start + chunk))])
-        remote_entries.extend(msgspec.json.decode(body, type=list[Entry]))
+        remote_entries.extend(pool.share(msgspec.json.decode(body, type=list[Entry])))
     remote_entries.append(msgspec.convert(primary, Entry))
     local = Manifest(exists=True, algo="xxh3_128", entries=local_entries)
     remote = Manifest(exists=True, algo="xxh3_128", entries=remote_entries)
@@ -797,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_scenarios(bench: Bench, only: set[str]) -> None:
     (bench.small / "remote").mkdir()
     (bench.big / "remote").mkdir(parents=True)
-    if only & {"S1", "S4", "S5", "S7"}:
+    if only & {"S1", "S4", "S5s", "S7"}:
         bench.setup_small()
     if "S7" in only:
         bench.s7()
@@ -805,7 +807,7 @@ def run_scenarios(bench: Bench, only: set[str]) -> None:
         bench.s1()
     if "S4" in only:
         bench.s4()
-    if "S5" in only:
+    if "S5s" in only:
         bench.s5_small()
     if "S6" in only:
         bench.s6()

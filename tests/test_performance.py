@@ -30,7 +30,7 @@ from usrsync import sync as sync_mod
 from usrsync.compare import Policy, SectionDelta, compare
 from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
 from usrsync.errors import ProtocolError, RemoteError
-from usrsync.manifest import Entry, Manifest, validate_remote_entries
+from usrsync.manifest import Entry, EntryPool, Manifest, validate_remote_entries
 from usrsync.plan import FileTarget, TransferPlan
 from usrsync.session import RemoteSession
 
@@ -312,13 +312,6 @@ def session_manifest(sides_cfg: Path, local: Manifest | None = None) -> tuple[Ma
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 65535, 65536, 70000])
-def test_the_array_header_is_msgspec_s(count: int) -> None:
-    encoded = msgspec.msgpack.encode([None] * count)
-    header = manifest_copy._array_header(count)
-    assert encoded[:len(header)] == header and len(encoded) == len(header) + count
-
-
 def test_an_unchanged_remote_manifest_equal_to_the_local_one_takes_the_local_entries(tmp_path: Path) -> None:
     """The daily no-op: our copy of the remote manifest equals this side's, so this side's entries
     serve both and the copy is not decoded. Enough files for several compared slices."""
@@ -330,22 +323,106 @@ def test_an_unchanged_remote_manifest_equal_to_the_local_one_takes_the_local_ent
     shared, _ = session_manifest(sides.cfg, local)
     assert shared.entries is local.entries and shared.digest == first.digest
 
-    # One entry differs (an mtime), or one is missing: the copy is decoded, as before.
+    # One entry differs (an mtime), or one is missing: the copy is decoded, as before, and every
+    # entry equal to a local one is that one.
     e = local.entries[12_345]
     for entries in (local.entries[:12_345] + [msgspec.structs.replace(e, mtime_ns=e.mtime_ns + 1)]
                     + local.entries[12_346:], local.entries[:-1]):
         other = Manifest(exists=True, algo="sha256", entries=entries)
         decoded, _ = session_manifest(sides.cfg, other)
         assert decoded.entries == first.entries and decoded.entries is not entries
+        ours = {id(x) for x in entries}
+        assert [i for i, x in enumerate(decoded.entries) if id(x) not in ours] == (
+            [12_345] if len(entries) == len(first.entries) else [len(entries)])
 
 
-@pytest.mark.parametrize("count", [0, 3, 20_001])
-def test_the_copy_is_written_a_slice_at_a_time_as_one_msgpack_array(tmp_path: Path, count: int) -> None:
+def test_received_remote_entries_equal_to_local_ones_are_the_local_ones(tmp_path: Path) -> None:
+    """Whether sent in full (no copy yet) or partly (the chunk with a change): an entry the same on
+    both sides is one object, so a million of them are not held twice."""
+    sides = local_sides(tmp_path / "w")
+    files = {f"_derived/ns/part-{i:05d}": b"%d" % i for i in range(12_000)} | {"records.parquet": b"PAR1"}
+    sides.seed_remote(files)
+    first, copy = session_manifest(sides.cfg)
+    local_entries = [msgspec.structs.replace(x) for x in first.entries]
+    copy.unlink()  # as on a first run: every entry is sent
+    local = Manifest(exists=True, algo="sha256", entries=local_entries)
+    sent, _ = session_manifest(sides.cfg, local)
+    assert sent.entries == first.entries and all(a is b for a, b in zip(sent.entries, local_entries))
+
+    write(sides.remote, {"_derived/ns/part-00042": b"changed"})  # one chunk is sent, the rest is our copy
+    changed, _ = session_manifest(sides.cfg, local)
+    differing = [i for i, x in enumerate(changed.entries) if x is not local_entries[i]]
+    assert [changed.entries[i].path for i in differing] == ["_derived/ns/part-00042"]
+    assert changed.get("_derived/ns/part-00042") == entry("_derived/ns/part-00042", b"changed")
+
+
+@pytest.mark.parametrize("count", [0, 3, 10_000, 20_001])
+def test_the_copy_holds_its_entries_in_slices_and_a_trailing_index(tmp_path: Path, count: int) -> None:
     entries = [entry(f"_derived/part-{i:06d}", b"%d" % i) for i in range(count)]
     path = tmp_path / "copy"
     manifest_copy.save(path, "d" * 64, [("x" * 32, count)], entries)
-    assert path.read_bytes().endswith(b"\n" + msgspec.msgpack.encode(entries))
+    slices = [msgspec.msgpack.encode(entries[i:i + 10_000]) for i in range(0, count, 10_000)]
+    index = b'{"slices":[%s]}' % b",".join(b"%d" % len(piece) for piece in slices)
+    assert path.read_bytes() == b"d" * 64 + b'\n[["' + b"x" * 32 + b'",%d]]\n' % count + b"".join(slices) + (
+        b"\n" + index + b"\n")
     assert manifest_copy.load(path, "d" * 64) == entries and manifest_copy.matches(path, "d" * 64, entries)
+
+
+def test_a_loaded_copy_shares_the_entries_equal_to_a_pools(tmp_path: Path) -> None:
+    """Decoded a slice at a time, each entry equal to one of this side's is this side's object."""
+    entries = [entry(f"_derived/part-{i:06d}", b"%d" % i) for i in range(25_000)]
+    path = tmp_path / "copy"
+    manifest_copy.save(path, "d" * 64, [], entries)
+    mine = [msgspec.structs.replace(e) for e in entries]
+    changed = {7, 12_000, 24_999}
+    for i in changed:
+        mine[i] = msgspec.structs.replace(mine[i], mtime_ns=1)
+    del mine[20_000]  # the copy holds a file this side lacks
+    loaded = manifest_copy.load(path, "d" * 64, EntryPool(mine))
+    assert loaded == entries
+    ours = {id(e) for e in mine}
+    assert [i for i, e in enumerate(loaded) if id(e) not in ours] == [7, 12_000, 20_000, 24_999]
+
+
+@pytest.mark.parametrize("damage", ["old format", "no index", "sizes short", "sizes long", "zero size",
+                                    "index not json", "cut in a slice", "trailing byte"])
+def test_a_copy_with_a_damaged_body_or_index_is_not_loaded(tmp_path: Path, damage: str) -> None:
+    entries = [entry(f"_derived/part-{i:06d}", b"%d" % i) for i in range(12_000)]
+    path = tmp_path / "copy"
+    manifest_copy.save(path, "d" * 64, [], entries)
+    data = path.read_bytes()
+    head = data[:data.index(b"\n", 65) + 1]
+    index_at = data.rindex(b"\n", 0, len(data) - 1)
+    body = data[len(head):index_at]
+    damaged = {
+        "old format": head + msgspec.msgpack.encode(entries),  # one array, no index: an older usrsync's copy
+        "no index": head + body,
+        "sizes short": head + body + b'\n{"slices":[1]}\n',
+        "sizes long": head + body + b'\n{"slices":[%d,1]}\n' % len(body),
+        "zero size": head + body + b'\n{"slices":[%d,0]}\n' % len(body),
+        "index not json": head + body + b"\n{slices\n",
+        "cut in a slice": head + body[:-5] + data[index_at:],
+        "trailing byte": data + b"\xc0",
+    }[damage]
+    path.write_bytes(damaged)
+    assert manifest_copy.load(path, "d" * 64) is None
+    assert not manifest_copy.matches(path, "d" * 64, entries)
+
+
+def test_an_entry_pool_hands_out_its_own_equal_entries_in_any_order() -> None:
+    mine = [entry(f"_derived/p{i:03d}", b"%d" % i) for i in range(100)]
+    pool = EntryPool(mine)
+    decoded = [msgspec.structs.replace(e) for e in mine]
+    assert all(a is b for a, b in zip(pool.share(decoded[:50]), mine[:50]))  # a run of equal entries
+    other = msgspec.structs.replace(decoded[60], digest="0" * 64)
+    extra = entry("_derived/p050x", b"new")
+    out = pool.share([decoded[50], extra, other, decoded[99]])
+    assert [o is m for o, m in zip(out, [mine[50], None, None, mine[99]])] == [True, False, False, True]
+    assert out[1] is extra and out[2] is other
+    # Out of order or repeated: slower to match, never a wrong object.
+    out = pool.share([decoded[10], decoded[5], decoded[5], other])
+    assert out == [decoded[10], decoded[5], decoded[5], other] and out[3] is other
+    assert EntryPool([]).share(decoded[:3]) == decoded[:3]
 
 
 def test_the_copy_matches_only_the_very_entries_it_holds(tmp_path: Path) -> None:

@@ -54,13 +54,55 @@ class Manifest(msgspec.Struct):
         return [e for e in self.entries if e.kind == KIND_FILE]
 
     def split(self, prefix: str) -> tuple[list[Entry], list[Entry]]:
-        """(entries outside, entries below) a directory given as "dir/" ("" = all below). Sorted
-        paths that start with "dir/" sit between "dir/" and "dir0" ('0' follows '/'): two bisections."""
+        """(entries outside, entries below) a directory given as "dir/" ("" = all below)."""
         if not prefix:
             return [], self.entries
-        lo = bisect.bisect_left(self.entries, prefix, key=_path)
-        hi = bisect.bisect_left(self.entries, prefix[:-1] + "0", key=_path)
+        lo, hi = prefix_bounds(self.entries, prefix, key=_path)
         return self.entries[:lo] + self.entries[hi:], self.entries[lo:hi]
+
+
+def prefix_bounds(items: list, prefix: str, key: Callable | None = None) -> tuple[int, int]:
+    """Where the paths below a directory "dir/" are in a path-sorted list: they sit between
+    "dir/" and "dir0" ('0' follows '/'), two bisections. `key`: an item's path."""
+    lo = bisect.bisect_left(items, prefix, key=key)
+    return lo, bisect.bisect_left(items, prefix[:-1] + "0", lo=lo, key=key)
+
+
+class EntryPool:
+    """A manifest's entries (sorted by path), handed out in place of equal entries decoded from
+    elsewhere: a file that is the same on both sides is then one object, not two. Entries are
+    immutable, so sharing them is safe; at a million files it saves ~300 MB, and comparing an
+    entry with itself is the quickest comparison there is."""
+
+    def __init__(self, entries: list[Entry]):
+        self._entries = entries
+        self._cursor = 0  # decoded entries come in path order: the next one is usually here
+
+    def share(self, decoded: list[Entry]) -> list[Entry]:
+        """`decoded`, each entry equal to one of the pool's replaced by that one. Any order is
+        right; path order, the manifests' own, is fast (one C-level comparison per run of equal
+        entries)."""
+        mine = self._entries
+        if not decoded or not mine:
+            return decoded
+        i = self._cursor
+        if i >= len(mine) or mine[i].path != decoded[0].path:
+            i = bisect.bisect_left(mine, decoded[0].path, key=_path)
+        same = mine[i:i + len(decoded)]
+        if same == decoded:
+            self._cursor = i + len(decoded)
+            return same
+        shared = []
+        for entry in decoded:
+            while i < len(mine) and mine[i].path < entry.path:
+                i += 1
+            if i < len(mine) and mine[i] == entry:
+                shared.append(mine[i])
+                i += 1
+            else:
+                shared.append(entry)
+        self._cursor = i
+        return shared
 
 
 def find(entries: list[Entry], path: str) -> Entry | None:

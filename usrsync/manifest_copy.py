@@ -9,7 +9,11 @@ by its cache rules) every time, and a missing, corrupt or foreign copy just mean
 are sent again.
 
 File: the 64-hex digest, a newline, the chunk layout as JSON ([[chunk digest, entries], ...]),
-a newline, then the entries as msgpack.
+a newline, then the entries as msgpack arrays of up to _SLICE entries each, then a newline and
+an index line (JSON {"slices": [byte size of each array]}) and a newline. The head stays at the
+front (each run reads it); the index trails, as the sizes are known only once written. Slices
+let a load decode a piece at a time and hand each entry equal to one of this side's over as
+that one (see manifest.EntryPool): a loaded copy then costs ~10 bytes per such entry, not ~300.
 """
 
 from __future__ import annotations
@@ -24,14 +28,21 @@ import msgspec
 
 from remote_agent import usrsync_agent as engine
 from usrsync.config import Remote
-from usrsync.manifest import Entry
+from usrsync.manifest import Entry, EntryPool
 
 _DIGEST_LEN = 64
 _MAX_LAYOUT_LINE = 64 << 20  # ~40 bytes per chunk of ~1000 entries: far beyond any real dataset
 _decoder = msgspec.msgpack.Decoder(list[Entry])
 _encoder = msgspec.msgpack.Encoder()
-_SLICE = 10_000  # entries encoded at once (~1 MB): see _encoded()
+_SLICE = 10_000  # entries per msgpack array (~1 MB): encoded, compared and decoded one at a time
 _layout_decoder = msgspec.json.Decoder(list[tuple[str, int]])
+
+
+class _Index(msgspec.Struct, frozen=True):
+    slices: list[int]  # the byte size of each msgpack array of entries, in order
+
+
+_index_decoder = msgspec.json.Decoder(_Index)
 
 
 class Head(msgspec.Struct, frozen=True):
@@ -66,21 +77,34 @@ def read_head(path: Path) -> Head | None:
         return None
 
 
-def load(path: Path, digest: str) -> list[Entry] | None:
-    """Our copy's entries if it (still) carries `digest` and decodes, else None."""
+def load(path: Path, digest: str, pool: EntryPool | None = None) -> list[Entry] | None:
+    """Our copy's entries if it (still) carries `digest` and decodes, else None. With a `pool`,
+    an entry equal to one of the pool's is that one (decoded a slice at a time, then dropped)."""
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    if data[:_DIGEST_LEN + 1] != digest.encode("ascii") + b"\n":
+    if data[:_DIGEST_LEN + 1] != digest.encode("ascii") + b"\n" or not data.endswith(b"\n"):
         return None
     body = data.find(b"\n", _DIGEST_LEN + 1) + 1
-    if body == 0:
+    # The index line holds no newline: the one before it is the last in the file but its own.
+    index_at = data.rfind(b"\n", body, len(data) - 1) + 1
+    if body == 0 or index_at == 0:
         return None
+    view = memoryview(data)
+    entries: list[Entry] = []
     try:
-        return _decoder.decode(memoryview(data)[body:])
+        slices = _index_decoder.decode(view[index_at:-1]).slices
+        if min(slices, default=1) <= 0 or sum(slices) != index_at - 1 - body:
+            return None
+        start = body
+        for size in slices:
+            piece = _decoder.decode(view[start:start + size])
+            entries += pool.share(piece) if pool is not None else piece
+            start += size
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+    return entries
 
 
 def matches(path: Path, digest: str, entries: list[Entry]) -> bool:
@@ -94,31 +118,25 @@ def matches(path: Path, digest: str, entries: list[Entry]) -> bool:
                 return False
             if not handle.readline(_MAX_LAYOUT_LINE).endswith(b"\n"):  # the chunk layout
                 return False
+            sizes = []
             for piece in _encoded(entries):
                 if handle.read(len(piece)) != piece:
                     return False
-            return handle.read(1) == b""
+                sizes.append(len(piece))
+            return handle.read() == _index_line(sizes)
     except OSError:
         return False
 
 
-def _encoded(entries: list[Entry]) -> Iterator[bytes | memoryview]:
-    """`msgspec.msgpack.encode(entries)` in pieces, a slice of entries at a time: a million entries
+def _encoded(entries: list[Entry]) -> Iterator[bytes]:
+    """The entries as msgpack arrays of _SLICE entries (the last one shorter): a million entries
     encode to ~90 MB, which neither writing nor comparing a copy needs to hold at once."""
-    yield _array_header(len(entries))
     for start in range(0, len(entries), _SLICE):
-        piece = entries[start:start + _SLICE]
-        yield memoryview(_encoder.encode(piece))[len(_array_header(len(piece))):]
+        yield _encoder.encode(entries[start:start + _SLICE])
 
 
-def _array_header(count: int) -> bytes:
-    """The msgpack header of an array of `count` items: the whole list's in the file, or a slice's
-    in its own encoding (fixarray, array 16 or array 32, the shortest that fits)."""
-    if count < 16:
-        return bytes([0x90 | count])
-    if count < 1 << 16:
-        return b"\xdc" + count.to_bytes(2, "big")
-    return b"\xdd" + count.to_bytes(4, "big")
+def _index_line(sizes: list[int]) -> bytes:
+    return b"\n" + msgspec.json.encode(_Index(slices=sizes)) + b"\n"
 
 
 def save(path: Path, digest: str, chunks: list[tuple[str, int]], entries: list[Entry]) -> None:
@@ -131,8 +149,11 @@ def save(path: Path, digest: str, chunks: list[tuple[str, int]], entries: list[E
         with open(tmp, "wb") as handle:
             handle.write(digest.encode("ascii") + b"\n")
             handle.write(msgspec.json.encode(chunks) + b"\n")
+            sizes = []
             for piece in _encoded(entries):
                 handle.write(piece)
+                sizes.append(len(piece))
+            handle.write(_index_line(sizes))
         os.replace(tmp, path)
     except (OSError, UnicodeEncodeError):
         with contextlib.suppress(OSError):

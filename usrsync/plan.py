@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import msgspec
@@ -12,7 +13,7 @@ import msgspec
 from usrsync.compare import Comparison, Policy
 from usrsync.dataset import EVENTS, PRIMARY, classify
 from usrsync.errors import RefusedError, UsrError
-from usrsync.manifest import Entry
+from usrsync.manifest import prefix_bounds
 
 Direction = Literal["pull", "push"]
 
@@ -87,7 +88,6 @@ class TransferPlan(msgspec.Struct, kw_only=True):
 
 def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_delete: MaxDelete) -> TransferPlan:
     pull = direction == "pull"
-    source = cmp.remote if pull else cmp.local  # by path; the destination's only if a section is out of scope
     source_name, dest_name = ("remote", "local") if pull else ("local", "remote")
     source_exists = cmp.remote_exists if pull else cmp.local_exists
     dest_exists = cmp.local_exists if pull else cmp.remote_exists
@@ -95,7 +95,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
     if not source_exists:
         raise UsrError(f"the dataset does not exist on the {source_name} side",
                        "check the dataset id and the remote's base_dir (`usr remotes show NAME`)")
-    if dest_exists and "records.parquet" not in source:
+    if dest_exists and cmp.find(source_name, "records.parquet") is None:
         raise RefusedError(
             f"the {source_name} dataset has no records.parquet; a {direction} would remove the "
             f"{dest_name} primary",
@@ -105,7 +105,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
 
     copy: list[str] = []
     delete: list[str] = []
-    unchanged: list[tuple[list[str], dict[str, Entry]]] = []  # kept files, and the manifest describing them
+    unchanged: list[list[str]] = []  # sorted path lists of the destination files kept as they are
     before: list[list[str]] = []  # sorted path lists: the destination's files now
     after: list[list[str]] = []  # and after the transfer
     in_scope_dest = 0
@@ -115,13 +115,13 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         before += [delta.same, delta.differing, dest_only]
         if not delta.in_scope:
             kept = sorted(set(delta.same) | set(delta.differing) | set(dest_only))
-            unchanged.append((kept, cmp.local if pull else cmp.remote))
+            unchanged.append(kept)
             after.append(kept)
             continue
         in_scope_dest += delta.local_files if pull else delta.remote_files
         copy += source_only + delta.differing
         delete += dest_only
-        unchanged.append((delta.same, source))
+        unchanged.append(delta.same)
         after += [delta.same, delta.differing, source_only]
 
     if delete and max_delete.exceeded(len(delete), in_scope_dest):
@@ -134,26 +134,37 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
     copy.sort()
     delete.sort()
     subtree = promotion_root(copy, delete, before, after) if dest_exists else ""
+    source_files, dest_files = (cmp.remote_files, cmp.local_files) if pull else (cmp.local_files, cmp.remote_files)
+    in_scope = {section: delta.in_scope for section, delta in cmp.sections.items()}
     while True:
         prefix = subtree + "/" if subtree else ""
-        link: list[str] = []
-        expected: dict[str, FileTarget] = {}
-        for paths, described in unchanged:
-            below = [p for p in paths if p.startswith(prefix)] if prefix else paths
-            link += below
-            expected.update({p: FileTarget(described[p].size, described[p].digest) for p in below})
-        expected.update({p: FileTarget(source[p].size, source[p].digest) for p in copy})
+        link = [p for paths in unchanged for p in (paths if not prefix else _below(paths, prefix))]
+        # The staged tree: every source file of the sections in scope (kept, changed or new), and
+        # the destination's own files of the others (kept), read straight from the path-sorted
+        # lists: no dict of either manifest by path (at a million files, ~100 MB each).
+        expected = {e.path: FileTarget(e.size, e.digest)
+                    for files, scoped in ((source_files, True), (dest_files, False))
+                    for e in (files if not prefix else _below(files, prefix, key=_path))
+                    if in_scope[e.section] == scoped}
         # The staged tree is scanned like a dataset of its own, and a scan skips runtime names
         # (`.usr.lock`, `.usrsync*`) at the top: a directory holding one there cannot be the root.
         if not prefix or all(classify(p[len(prefix):].partition("/")[0]) for p in expected):
             break
         subtree = subtree.rpartition("/")[0]
     link.sort()
-    reread = [p for p in copy if expected[p].digest and (policy.sidecars or source[p].section == PRIMARY)]
+    reread = [p for p in copy if expected[p].digest and (policy.sidecars or classify(p) == PRIMARY)]
     return TransferPlan(
         direction=direction, subtree=subtree, copy=copy, link=link, delete=delete, expected=expected,
-        reread=reread, bytes=sum(source[p].size for p in copy), bootstrap=not dest_exists,
+        reread=reread, bytes=sum(expected[p].size for p in copy), bootstrap=not dest_exists,
     )
+
+
+_path = operator.attrgetter("path")
+
+
+def _below(items: list, prefix: str, key: Callable | None = None) -> list:
+    lo, hi = prefix_bounds(items, prefix, key)
+    return items[lo:hi]
 
 
 def promotion_root(copy: list[str], delete: list[str], before: list[list[str]], after: list[list[str]]) -> str:

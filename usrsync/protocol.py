@@ -8,7 +8,7 @@ import functools
 import itertools
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -152,12 +152,14 @@ class AgentClient:
         self._lock = asyncio.Lock()
 
     async def call(self, name: str, args: dict[str, Any], result_type: type[T], chunk_type: Any = None,
-                   on_progress: Callable[[int, int, int, int], None] | None = None) -> tuple[T, list[Any]]:
+                   on_progress: Callable[[int, int, int, int], None] | None = None,
+                   on_chunk: Callable[[list[Any]], Awaitable[list[Any]]] | None = None) -> tuple[T, list[Any]]:
+        """`on_chunk`: what to keep of each streamed chunk's typed items (they are kept as they are without it)."""
         async with self._lock:
-            return await asyncio.wait_for(self._call(name, args, result_type, chunk_type, on_progress),
+            return await asyncio.wait_for(self._call(name, args, result_type, chunk_type, on_progress, on_chunk),
                                           self.timeout)
 
-    async def _call(self, name, args, result_type, chunk_type, on_progress):
+    async def _call(self, name, args, result_type, chunk_type, on_progress, on_chunk):
         rid = next(self._ids)
         self.writer.write(encode_request(rid, name, args))
         await _drain(self.writer)
@@ -191,11 +193,12 @@ class AgentClient:
                     raise ProtocolError(f"the remote agent streamed over {MAX_CALL_ITEMS} items for {name}",
                                         "the remote is misbehaving; inspect it before syncing again")
                 try:
-                    items.extend(frame.items if type(frame) is frame_type else
-                                 msgspec.convert(frame.items, list[chunk_type]))
+                    chunk = frame.items if type(frame) is frame_type else msgspec.convert(frame.items,
+                                                                                           list[chunk_type])
                 except msgspec.ValidationError as exc:
                     raise ProtocolError(f"the remote agent sent a malformed {name} entry ({exc})",
                                         "the remote is misbehaving; inspect it before syncing again") from None
+                items.extend(await on_chunk(chunk) if on_chunk is not None else chunk)
                 continue
             if frame.type == "error":
                 raise AgentCallError(name, frame.error or ErrorBody(kind="unknown", message="unknown error"))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from usrsync import manifest_copy
 from usrsync.compare import EventsLines
 from usrsync.config import Remote
 from usrsync.errors import ConfigError, LockedError, ProtocolError, RemoteError
-from usrsync.manifest import Entry, HashProgress, Manifest, validate_remote_entries
+from usrsync.manifest import Entry, EntryPool, HashProgress, Manifest, validate_remote_entries
 from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
 from usrsync.transport import transport_for
 from usrsync.transport.base import Transport
@@ -161,27 +162,54 @@ class RemoteSession:
     async def manifest(self, dataset: str, algo: str, *, jobs: int, use_cache: bool,
                        hash_sections: set[str] | None = None, progress: HashProgress | None = None,
                        local: Awaitable[Manifest] | None = None) -> Manifest:
-        """The remote's manifest. `local`: this side's, awaited only when the agent answers
-        "unchanged": if our copy of the remote's equals it, its entries serve both."""
+        """The remote's manifest. `local`: this side's, awaited once remote entries arrive or are
+        loaded from our copy: each remote entry equal to a local one is that one (see EntryPool).
+        When the agent answers "unchanged" and our copy equals the local entries, they serve both."""
         copy = manifest_copy.copy_path(self.remote, self.base.base_dir, dataset, algo)
         head = manifest_copy.read_head(copy) if use_cache else None
         args = self._args(dataset, algo=algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
                           progress=progress is not None, known=head.digest if head else None,
                           known_chunks=[digest for digest, _ in head.chunks] if head else None)
-        reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
+        mine: list[Entry] | None = None
+
+        async def local_entries() -> list[Entry]:
+            """This side's entries, awaited once something from the remote needs them."""
+            nonlocal mine
+            if mine is None:
+                mine = []
+                if local is not None:
+                    with contextlib.suppress(Exception):  # the run reports it where it awaits the scan
+                        mine = (await local).entries
+            return mine
+
+        def shared_chunks() -> Callable[[list[Entry]], Awaitable[list[Entry]]]:
+            """Received entries equal to this side's become this side's (see EntryPool): the
+            local scan is awaited at the first chunk, while the rest wait in the channel."""
+            pool: list[EntryPool] = []
+
+            async def share(decoded: list[Entry]) -> list[Entry]:
+                if not pool:
+                    pool.append(EntryPool(await local_entries()))
+                return pool[0].share(decoded)
+            return share
+
+        reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress,
+                                                 on_chunk=shared_chunks())
         entries = None
         if not reply.unchanged:  # the chunks our copy lacks were sent; the others come from it
             from_copy = head is not None and len(received) < reply.count
-            saved = await asyncio.to_thread(manifest_copy.load, copy, head.digest) if head and from_copy else None
+            saved = await asyncio.to_thread(manifest_copy.load, copy, head.digest, EntryPool(await local_entries())) \
+                if head and from_copy else None
             entries = _assemble(reply, received, head if from_copy else None, saved)
             source = "sent+copy" if from_copy else "sent"
         elif head is not None and reply.digest == head.digest:  # nothing was sent: our copy is it
-            entries, source = await _unchanged_entries(copy, head.digest, reply.count, local)
+            entries, source = await _unchanged_entries(copy, head.digest, reply.count, await local_entries())
         if entries is None:
             # Our copy changed or broke since we read its head: have every entry sent.
             args["known"] = args["known_chunks"] = None
-            reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress)
+            reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress,
+                                                     on_chunk=shared_chunks())
             entries = _assemble(reply, received, None, None)
             source = "sent"
         log.debug("remote_manifest", entries=len(entries), source=source)
@@ -199,7 +227,12 @@ class RemoteSession:
         args = self._args(dataset, algo=before.algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
                           trusted=trusted, save_cache=save_cache, progress=False, known=before.digest)
-        reply, received = await self.client.call("manifest", args, ManifestReply, Entry)
+        pool = EntryPool(before.entries)
+
+        async def share(decoded: list[Entry]) -> list[Entry]:
+            return pool.share(decoded)
+
+        reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_chunk=share)
         if reply.unchanged and before.digest is not None and reply.digest == before.digest:
             return None
         return _received(reply, [] if reply.unchanged else _assemble(reply, received, None, None), before.algo)
@@ -292,14 +325,13 @@ class RemoteSession:
 
 
 async def _unchanged_entries(copy: Path, digest: str, count: int,
-                             local: Awaitable[Manifest] | None) -> tuple[list[Entry] | None, str]:
+                             mine: list[Entry]) -> tuple[list[Entry] | None, str]:
     """The entries of an "unchanged" remote manifest, which our copy holds, and where they came
-    from: the local manifest's own ("local") when the copy equals it, else the copy decoded."""
-    if local is not None:
-        mine = (await local).entries
-        if len(mine) == count and await asyncio.to_thread(manifest_copy.matches, copy, digest, mine):
-            return mine, "local"
-    saved = await asyncio.to_thread(manifest_copy.load, copy, digest)
+    from: the local manifest's own ("local") when the copy equals it, else the copy decoded,
+    sharing the local entries it holds too ("copy")."""
+    if mine and len(mine) == count and await asyncio.to_thread(manifest_copy.matches, copy, digest, mine):
+        return mine, "local"
+    saved = await asyncio.to_thread(manifest_copy.load, copy, digest, EntryPool(mine))
     return (saved, "copy") if saved is not None and len(saved) == count else (None, "")
 
 
