@@ -16,6 +16,7 @@ from usrsync.errors import RefusedError, UsrError
 from usrsync.manifest import prefix_bounds
 
 Direction = Literal["pull", "push"]
+_path = operator.attrgetter("path")
 
 
 class MaxDelete(msgspec.Struct, frozen=True):
@@ -157,9 +158,6 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         direction=direction, subtree=subtree, copy=copy, link=link, delete=delete, expected=expected,
         reread=reread, bytes=sum(expected[p].size for p in copy), bootstrap=not dest_exists,
     )
-
-
-_path = operator.attrgetter("path")
 
 
 def _below(items: list, prefix: str, key: Callable | None = None) -> list:
