@@ -34,10 +34,26 @@ def test_a_delta_larger_than_a_batch_moves_in_several_runs(tmp_path: Path, monke
     files = {**BASE_FILES, **MANY}
     (sides.seed_remote if action == "pull" else sides.seed_local)(files)
     audit, events = run(sides, action, tmp_path)
-    assert [e["runs"] for e in events if e["event"] == "rsync"] == [-(-len(files) // 4)]
+    # A first transfer takes every directory below the top whole: one list entry moves all of
+    # _derived/batch's 11 files, in a run of its own; the other 6 files come 1, then 4, then 1.
+    assert [e["runs"] for e in events if e["event"] == "rsync"] == [4]
+    assert len([e for e in events if e["event"] == "rsync.start"]) == 4
     assert audit["transfer_state"] == "TRANSFERRED"
     assert (audit["transfer"]["files"], audit["transfer"]["bytes"], audit["transfer"]["rsync_exit"]) == (
         len(files), sum(map(len, files.values())), 0)
     assert audit["post"]["in_sync"] is True
     sides.assert_in_sync()
     assert leftovers(sides.root) == [] and leftovers(sides.base) == []
+
+
+def test_runs_are_cut_by_the_files_their_entries_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync, "RSYNC_BATCH_FILES", 3)
+    entries = [("a", 1), ("d/", 5), ("b", 1), ("c", 1), ("e/", 2), ("f", 1)]
+    assert sync.rsync_batches(entries) == [["a"], ["d/"], ["b", "c"], ["e/", "f"]]
+    assert sync.rsync_batches([]) == []
+
+
+def test_a_directory_listed_whole_is_not_listed_again_without_its_slash() -> None:
+    # Listed as "a/b/" its files are copied; listed as "a/b" too, rsync would be told twice.
+    assert sync.files_with_parents(["x", "a/b/c/f", "a/b/"]) == ["a", "a/b/", "a/b/c", "a/b/c/f", "x"]
+    assert sync.files_with_parents(["a/b/c"]) == ["a", "a/b", "a/b/c"]

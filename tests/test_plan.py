@@ -393,3 +393,35 @@ def test_plan_stages_exactly_the_mirror(lfiles, changes, direction, primary_only
     if changed:
         deeper = [d for d in dirs_of(changed[0]) if len(d) > len(p.subtree) and all(below(k, d) for k in changed)]
         assert not [d for d in deeper if has_dir(dest, d) and has_dir(staged, d)]
+
+
+# --- directories rsync may take whole -----------------------------------------------------------
+
+
+def test_a_first_pull_hands_rsync_every_directory_below_the_top_whole() -> None:
+    remote = {**REMOTE, "_derived/ns/deep/c": b"c", "_auxiliary/x/y": b"y"}
+    p = plan(Manifest(exists=False, algo="sha256", entries=[]), manifest_of(remote), "pull")
+    assert p.whole_dirs == ["_auxiliary/x", "_derived/ns", "_derived/ns/deep", "_snapshots"]
+
+
+def test_a_directory_with_a_kept_file_or_a_special_is_not_whole() -> None:
+    remote = {**REMOTE, "_derived/ns/c": b"new", "_derived/other/d": b"d", "_derived/odd/e": b"e"}
+    local = dict(LOCAL)
+    link = manifest_of({"_derived/odd/link": b""}, kind="symlink").entries
+    local_manifest = manifest_of(local)
+    remote_manifest = manifest_of(remote)
+    remote_manifest.entries = sorted(remote_manifest.entries + link, key=lambda e: e.path)
+    p = plan(local_manifest, remote_manifest, "pull")
+    assert "_derived/ns/a" in p.link  # kept: its directory is not whole, though b and c are copied
+    assert p.whole_dirs == ["_derived/other", "_snapshots"]
+
+
+def test_the_promoted_directory_itself_is_never_whole() -> None:
+    base = {"records.parquet": b"P", "_derived/ns/a": b"a", "_derived/ns/sub/b": b"b", "_derived/z": b"z"}
+    edited = {**base, "_derived/ns/new": b"n", "_derived/ns/sub/c": b"c"}
+    p = plan(manifest_of(base), manifest_of(edited), "pull")
+    assert (p.subtree, p.copy) == ("_derived/ns", ["_derived/ns/new", "_derived/ns/sub/c"])
+    assert p.whole_dirs == []  # ns keeps a, sub keeps b: both are held; ns is the subtree anyway
+    edited["_derived/ns/sub/b"] = b"changed"
+    p = plan(manifest_of(base), manifest_of(edited), "pull")
+    assert p.whole_dirs == ["_derived/ns/sub"]

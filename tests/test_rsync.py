@@ -26,6 +26,7 @@ from usrsync.rsync import (
     RsyncSetupError,
     build_argv,
     explain_exit,
+    list_entries,
     lists_on_remote,
     local_rsync_info,
     parse_out_line,
@@ -396,6 +397,16 @@ def test_exit_meanings():
     assert explain_exit(-signal.SIGKILL) == "rsync was killed by SIGKILL"
 
 
+# --- list entries ----------------------------------------------------------------------------
+
+
+def test_a_whole_directory_is_one_list_entry_however_its_files_interleave():
+    files = ["a/f1", "a/sub/x", "a/z", "b/one", "top"]
+    assert list_entries(files, {"a"}) == [("a/", 2), ("a/sub/x", 1), ("b/one", 1), ("top", 1)]
+    assert list_entries(files, {"a", "a/sub", "b"}) == [("a/", 2), ("a/sub/", 1), ("b/", 1), ("top", 1)]
+    assert list_entries(files, set()) == [(f, 1) for f in files]
+
+
 # --- real local runs -------------------------------------------------------------------------
 
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
@@ -607,3 +618,21 @@ def test_rsync_dies_with_a_killed_orchestrator(tree: dict[str, Path]):
         if orchestrator.poll() is None:
             orchestrator.kill()
             orchestrator.wait(10)
+
+
+@needs_rsync
+def test_a_listed_directory_with_a_slash_moves_its_own_files_only(tmp_path: Path):
+    """What sync relies on for plan.whole_dirs: under -d, "dir/" copies the files directly in
+    dir, creates its subdirectories empty, and skips a symlink, without failing the run."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d" / "sub").mkdir(parents=True)
+    dst.mkdir()
+    for name in ("d/a", "d/b", "d/sub/deep", "top"):
+        (src / name).write_bytes(name.encode())
+    (src / "d" / "link").symlink_to("a")
+    listed = write_list(tmp_path / "list", ["d/"])
+    r = run_rsync(build_argv(local=local_rsync_info(), remote=None, source=f"{src}/", dest=f"{dst}/",
+                             files_from=listed, rsh=None, rsync_path=None))
+    assert r.exit_code == 0, r.stderr_tail
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["d", "d/a", "d/b", "d/sub"]
+    assert sorted(c.path for c in r.changes if c.transferred) == ["d/a", "d/b"]

@@ -68,6 +68,7 @@ class TransferPlan(msgspec.Struct, kw_only=True):
     reread: list[str]      # copied paths whose staged bytes are reread and hashed
     bytes: int
     bootstrap: bool
+    whole_dirs: list[str] = []  # directories below subtree whose every entry is copied (see whole_dirs)
 
     @property
     def noop(self) -> bool:
@@ -157,7 +158,20 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
     return TransferPlan(
         direction=direction, subtree=subtree, copy=copy, link=link, delete=delete, expected=expected,
         reread=reread, bytes=sum(expected[p].size for p in copy), bootstrap=not dest_exists,
+        whole_dirs=whole_dirs(copy, link, cmp.specials, subtree),
     )
+
+
+def whole_dirs(copy: list[str], link: list[str], specials: list[str], subtree: str) -> list[str]:
+    """The directories strictly below `subtree` whose every entry on the source is copied: no
+    file of theirs is linked (kept), and none is a symlink, device or bad name (on either side).
+    rsync is handed such a directory instead of its files (see rsync.list_entries). The
+    subtree itself never is: at the dataset's top, runtime files (`.usr.lock`) live beside it."""
+    held = {p.rpartition("/")[0] for p in link}
+    held.update(p.rpartition("/")[0] for p in specials)
+    inside = subtree + "/" if subtree else ""
+    return sorted(d for d in {p.rpartition("/")[0] for p in copy}
+                  if d.startswith(inside) and len(d) > len(inside) and d not in held)
 
 
 def _below(items: list, prefix: str, key: Callable | None = None) -> list:

@@ -45,6 +45,8 @@ Action = Literal["diff", "pull", "push"]
 # Files per rsync run. rsync holds its whole file list in memory on both ends, and we hold its
 # itemized output, so a huge delta (a first pull of millions of files) moves in bounded steps.
 RSYNC_BATCH_FILES = 100_000
+# What a best-effort remote cleanup may meet; the next run's recover() removes what it leaves.
+_REMOTE_CLEANUP_ERRORS = (UsrError, asyncssh.Error, OSError, asyncio.IncompleteReadError)
 
 
 class SyncOptions(msgspec.Struct, kw_only=True):
@@ -394,11 +396,11 @@ class Run:
     # --- transfers --------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _file_list(self, staged: list[str], on_remote: bool) -> AsyncIterator[str]:
-        """rsync's list of `staged` and their parents, as a file here or on the remote (see
+    async def _file_list(self, entries: list[str], on_remote: bool) -> AsyncIterator[str]:
+        """rsync's list of `entries` and their parents, as a file here or on the remote (see
         rsync.lists_on_remote), removed once rsync is done with it (or by the next recover())."""
         assert self.session is not None
-        names = files_with_parents(staged)
+        names = files_with_parents(entries)
         if on_remote:
             path = await self.session.write_file_list(self.dataset, self.txid, names)
         else:
@@ -410,7 +412,7 @@ class Run:
             if not on_remote:
                 Path(path).unlink(missing_ok=True)
             else:
-                with contextlib.suppress(UsrError, asyncssh.Error, OSError, asyncio.IncompleteReadError):
+                with contextlib.suppress(*_REMOTE_CLEANUP_ERRORS):
                     await self.session.remove_file_list(self.dataset, self.txid)
 
     async def _rsync(self, plan: TransferPlan, source: str, dest: str, basis: str | None) -> None:
@@ -428,8 +430,9 @@ class Run:
             if warning and warning not in self.data.warnings:
                 self.data.warnings.append(warning)
         staged = [plan.staged(p) for p in plan.copy]  # relative to what rsync copies
-        runs = -(-len(staged) // RSYNC_BATCH_FILES)
-        self.log.info("rsync", files=len(plan.copy), bytes=plan.bytes, runs=runs)
+        batches = rsync_batches(rsync.list_entries(staged, {plan.staged(d) for d in plan.whole_dirs}))
+        self.log.info("rsync", files=len(plan.copy), bytes=plan.bytes, runs=len(batches),
+                      whole_dirs=len(plan.whole_dirs))
         await transport.prepare_rsync()  # rsync_rsh() below names the relay this starts
         moved = [0, 0]
 
@@ -445,8 +448,8 @@ class Run:
         files = nbytes = 0
         remote_list = rsync.lists_on_remote(local_info, None if self.remote.is_local else remote_info,
                                             pull=self.action == "pull")
-        for start in range(0, len(staged), RSYNC_BATCH_FILES):
-            async with self._file_list(staged[start:start + RSYNC_BATCH_FILES], remote_list) as files_from:
+        for batch in batches:
+            async with self._file_list(batch, remote_list) as files_from:
                 argv = rsync.build_argv(local=local_info, remote=remote_info, source=source, dest=dest,
                                         files_from=files_from, remote_list=remote_list, rsh=transport.rsync_rsh(),
                                         rsync_path=transport.rsync_path(), basis_dir=basis)
@@ -589,10 +592,8 @@ class Run:
             self._post(policy, plan, remote, local, check, check.problems)
         finally:
             if not promoted:
-                try:
+                with contextlib.suppress(*_REMOTE_CLEANUP_ERRORS):
                     await session.cleanup(self.dataset, self.txid)
-                except (UsrError, asyncssh.Error, OSError, asyncio.IncompleteReadError):
-                    pass  # the next run's recover() removes it
 
     def _post(self, policy: Policy, plan: TransferPlan, dest_before: Manifest, source: Manifest,
               reread: VerifyReply, live_problems: list) -> None:
@@ -641,10 +642,25 @@ def linked_digests(plan: TransferPlan, staged: VerifyReply, dest_before: Manifes
     return trusted
 
 
-def files_with_parents(paths: list[str]) -> list[str]:
-    """rsync's file list: the files and every directory above them, sorted (parents first)."""
-    dirs = {path[:i] for path in paths for i, ch in enumerate(path) if ch == "/"}
-    return sorted(dirs.union(paths))
+def rsync_batches(entries: list[tuple[str, int]]) -> list[list[str]]:
+    """rsync list entries (name, files it moves) in runs of about RSYNC_BATCH_FILES files each;
+    a directory that alone moves more gets a run of its own."""
+    batches: list[list[str]] = []
+    files = RSYNC_BATCH_FILES
+    for name, count in entries:
+        if files + count > RSYNC_BATCH_FILES:
+            batches.append([])
+            files = 0
+        batches[-1].append(name)
+        files += count
+    return batches
+
+
+def files_with_parents(entries: list[str]) -> list[str]:
+    """rsync's file list: the entries and every directory above them, sorted (parents first).
+    A directory listed as "dir/" (its files copied) is not listed again as "dir"."""
+    dirs = {entry[:i] for entry in entries for i, ch in enumerate(entry) if ch == "/"}
+    return sorted(dirs.difference(entry[:-1] for entry in entries if entry.endswith("/")).union(entries))
 
 
 def below(path: str, subtree: str) -> str:
