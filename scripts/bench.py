@@ -483,32 +483,39 @@ class Bench:
         self.expect_in_sync(data, "S2")
         return root
 
+    def first_pulls(self, what: str, dataset: str, remote: Path,
+                    dest: Path) -> tuple[Callable[[str], float], Callable[[int], float]]:
+        """Runs of a first pull of `dataset` into a fresh root below `dest` (given a remote's
+        name), and of `rsync -a` of `remote` into a fresh dir there: seconds each."""
+        files = len(dataset_files(remote))
+
+        def pull(remote_name: str) -> float:
+            root = dest / "ours"
+            root.mkdir(parents=True)
+            elapsed, data = self.usr("pull", dataset, remote_name, root)
+            shutil.rmtree(root)
+            if data["transfer"]["files"] != files or not data["post"]["in_sync"]:
+                raise RuntimeError(f"{what}: usr pull moved {data['transfer']['files']} files, expected {files}")
+            return elapsed
+
+        def rsync(i: int) -> float:
+            target = dest / "rsync" / dataset
+            target.mkdir(parents=True)
+            elapsed = self.rsync(remote, target, "-a")[0]
+            shutil.rmtree(target.parent)
+            return elapsed
+
+        return pull, rsync
+
     def s5(self) -> None:
         """First pull of the big tree into a fresh root, each run on its own."""
         s = self.scale
         remote = self.remote_dir("big", "s2")
-        files = len(dataset_files(remote))
         total = sum(p.stat().st_size for p in dataset_files(remote))
         with dest_fs(self.work / "s5", total, self.notes) as dest:
             warm(dataset_files(remote))  # source page cache warm for every run
             self.log("S5: first pull of the big tree, usr pull vs rsync -a")
-
-            def pull(remote_name: str) -> float:
-                root = dest / "ours"
-                root.mkdir()
-                elapsed, data = self.usr("pull", "s2", remote_name, root)
-                shutil.rmtree(root)
-                if data["transfer"]["files"] != files or not data["post"]["in_sync"]:
-                    raise RuntimeError(f"S5: usr pull moved {data['transfer']['files']} files, expected {files}")
-                return elapsed
-
-            def rsync(i: int) -> float:
-                target = dest / "rsync" / "s2"
-                target.mkdir(parents=True)
-                elapsed = self.rsync(remote, target, "-a")[0]
-                shutil.rmtree(target.parent)
-                return elapsed
-
+            pull, rsync = self.first_pulls("S5", "s2", remote, dest)
             # `sync` first: the previous run's writeback must not slow this one.
             asyncssh, openssh, theirs = self.rotate(
                 s.big_reps, [lambda i: pull("big"), lambda i: pull("big-openssh"), rsync], before=os.sync)
@@ -523,28 +530,9 @@ class Bench:
     def s5_small(self) -> None:
         """First pull of the S1 tree into a fresh root: many small files, where per-file costs show."""
         s = self.scale
-        remote = self.remote_dir("small", "s1")
-        files = len(dataset_files(remote))
-        dest = self.small / "s5-small"
         self.log("S5s: first pull of the S1 tree, usr pull vs rsync -a")
-
-        def pull(i: int) -> float:
-            root = dest / "ours"
-            root.mkdir(parents=True)
-            elapsed, data = self.usr("pull", "s1", "small", root)
-            shutil.rmtree(root)
-            if data["transfer"]["files"] != files or not data["post"]["in_sync"]:
-                raise RuntimeError(f"S5s: usr pull moved {data['transfer']['files']} files, expected {files}")
-            return elapsed
-
-        def rsync(i: int) -> float:
-            target = dest / "rsync" / "s1"
-            target.mkdir(parents=True)
-            elapsed = self.rsync(remote, target, "-a")[0]
-            shutil.rmtree(target.parent)
-            return elapsed
-
-        ours, theirs = self.rotate(s.big_reps, [pull, rsync])
+        pull, rsync = self.first_pulls("S5s", "s1", self.remote_dir("small", "s1"), self.small / "s5-small")
+        ours, theirs = self.rotate(s.big_reps, [lambda i: pull("small"), rsync])
         self.rows.append(Row(f"S5s first pull of S1 ({s.small_files:,} × 4 KiB)", "`usr pull`",
                              "`rsync -a`", "s", ours, theirs, "",
                              note="informational (the issue's S5 is the big files): usr also rereads and "
