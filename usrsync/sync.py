@@ -659,8 +659,14 @@ def rsync_batches(entries: list[tuple[str, int]]) -> list[list[str]]:
 def files_with_parents(entries: list[str]) -> list[str]:
     """rsync's file list: the entries and every directory above them, sorted (parents first).
     A directory listed as "dir/" (its files copied) is not listed again as "dir"."""
-    dirs = {entry[:i] for entry in entries for i, ch in enumerate(entry) if ch == "/"}
-    return sorted(dirs.difference(entry[:-1] for entry in entries if entry.endswith("/")).union(entries))
+    dirs: set[str] = set()
+    for entry in entries:
+        parent = entry.rstrip("/").rpartition("/")[0]
+        while parent and parent not in dirs:  # siblings share their parents: each is added once
+            dirs.add(parent)
+            parent = parent.rpartition("/")[0]
+    whole = {entry[:-1] for entry in entries if entry.endswith("/")}
+    return sorted(dirs.difference(whole).union(entries))
 
 
 def below(path: str, subtree: str) -> str:
