@@ -22,6 +22,7 @@ from helpers import (
     load_audit,
     pause_env,
     paused_pid,
+    run_usr,
     tree_state,
     wait_for,
     write_tree,
@@ -232,6 +233,29 @@ def test_a_pulls_rsync_reads_its_file_lists_on_the_remote_and_a_push_here(
     assert set(lists) == {f"--files-from={where}/.usrsync/tmp/{name}"}
     assert (audit["transfer_state"], audit["transfer"]["files"], audit["post"]["in_sync"]) == (
         "TRANSFERRED", len(files), True)
+    sides.assert_in_sync()
+    assert leftovers(sides.root) == [] and leftovers(sides.base) == []
+
+
+def test_a_pull_whose_list_cannot_be_written_on_the_remote_keeps_it_here(sides: Sides, tmp_path: Path) -> None:
+    """A full quota or a read-only state dir on the cluster must not stop a pull."""
+    sides.seed_remote()
+    tmp = sides.base / ".usrsync" / "tmp"
+    tmp.mkdir(parents=True)
+    sides.chown_remote()
+    tmp.chmod(0o500)  # the login user cannot create its list there
+    try:
+        out = tmp_path / "audit.json"
+        r = run_usr(sides.cfg, "--log-format", "json", "-v", "pull", DATASET, REMOTE, "-y", "--audit-json-out", str(out))
+    finally:
+        tmp.chmod(0o700)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert [e["reason"] for e in events if e["event"] == "file_list_here"] != []
+    lists = [a for e in events if e["event"] == "rsync.start" for a in e["argv"] if a.startswith("--files-from=")]
+    assert lists and all(a.startswith(f"--files-from={sides.root}/.usrsync/tmp/") for a in lists)
+    audit = load_audit(out)
+    assert (audit["transfer_state"], audit["post"]["in_sync"]) == ("TRANSFERRED", True)
     sides.assert_in_sync()
     assert leftovers(sides.root) == [] and leftovers(sides.base) == []
 

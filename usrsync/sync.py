@@ -38,6 +38,7 @@ from usrsync.locks import acquire_local_lock
 from usrsync.manifest import KIND_FILE, Entry, HashProgress, Manifest, local_manifest
 from usrsync.manifest import cached_algo as manifest_cached_algo
 from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
+from usrsync.protocol import AgentCallError
 from usrsync.session import RemoteSession, VerifyReply
 
 log = structlog.get_logger("usrsync")
@@ -396,18 +397,25 @@ class Run:
     # --- transfers --------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _file_list(self, entries: list[str], on_remote: bool) -> AsyncIterator[str]:
-        """rsync's list of `entries` and their parents, as a file here or on the remote (see
-        rsync.lists_on_remote), removed once rsync is done with it (or by the next recover())."""
+    async def _file_list(self, entries: list[str], on_remote: bool) -> AsyncIterator[tuple[str, bool]]:
+        """rsync's list of `entries` and their parents, as a file on the remote if `on_remote` (see
+        rsync.lists_on_remote) and it can be written there, else here: (its path, whether remote).
+        Removed once rsync is done with it (or by the next recover())."""
         assert self.session is not None
         names = files_with_parents(entries)
         if on_remote:
-            path = await self.session.write_file_list(self.dataset, self.txid, names)
-        else:
+            try:
+                path = await self.session.write_file_list(self.dataset, self.txid, names)
+            except AgentCallError as exc:
+                # A full quota or a read-only state dir on the cluster must not stop a pull: the
+                # local list is only slower.
+                self.log.info("file_list_here", reason=exc.agent_message)
+                on_remote = False
+        if not on_remote:
             path = engine.file_list_path(str(self.root), self.dataset, self.txid)
             engine.write_file_list(path, names)
         try:
-            yield path
+            yield path, on_remote
         finally:
             if not on_remote:
                 Path(path).unlink(missing_ok=True)
@@ -449,9 +457,9 @@ class Run:
         remote_list = rsync.lists_on_remote(local_info, None if self.remote.is_local else remote_info,
                                             pull=self.action == "pull")
         for batch in batches:
-            async with self._file_list(batch, remote_list) as files_from:
+            async with self._file_list(batch, remote_list) as (files_from, on_remote):
                 argv = rsync.build_argv(local=local_info, remote=remote_info, source=source, dest=dest,
-                                        files_from=files_from, remote_list=remote_list, rsh=transport.rsync_rsh(),
+                                        files_from=files_from, remote_list=on_remote, rsh=transport.rsync_rsh(),
                                         rsync_path=transport.rsync_path(), basis_dir=basis)
                 result = await transport.run_rsync(argv, on_change=on_change)
             self.data.transfer.rsync_exit = result.exit_code
