@@ -183,19 +183,8 @@ class RemoteSession:
                         mine = (await local).entries
             return mine
 
-        def shared_chunks() -> Callable[[list[Entry]], Awaitable[list[Entry]]]:
-            """Received entries equal to this side's become this side's (see EntryPool): the
-            local scan is awaited at the first chunk, while the rest wait in the channel."""
-            pool: list[EntryPool] = []
-
-            async def share(decoded: list[Entry]) -> list[Entry]:
-                if not pool:
-                    pool.append(EntryPool(await local_entries()))
-                return pool[0].share(decoded)
-            return share
-
         reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress,
-                                                 on_chunk=shared_chunks())
+                                                 on_chunk=_shared_with(local_entries))
         entries = None
         if not reply.unchanged:  # the chunks our copy lacks were sent; the others come from it
             from_copy = head is not None and len(received) < reply.count
@@ -209,7 +198,7 @@ class RemoteSession:
             # Our copy changed or broke since we read its head: have every entry sent.
             args["known"] = args["known_chunks"] = None
             reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_progress=progress,
-                                                     on_chunk=shared_chunks())
+                                                     on_chunk=_shared_with(local_entries))
             entries = _assemble(reply, received, None, None)
             source = "sent"
         log.debug("remote_manifest", entries=len(entries), source=source)
@@ -227,12 +216,11 @@ class RemoteSession:
         args = self._args(dataset, algo=before.algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
                           trusted=trusted, save_cache=save_cache, progress=False, known=before.digest)
-        pool = EntryPool(before.entries)
+        async def entries_before() -> list[Entry]:
+            return before.entries
 
-        async def share(decoded: list[Entry]) -> list[Entry]:
-            return pool.share(decoded)
-
-        reply, received = await self.client.call("manifest", args, ManifestReply, Entry, on_chunk=share)
+        reply, received = await self.client.call("manifest", args, ManifestReply, Entry,
+                                                 on_chunk=_shared_with(entries_before))
         if reply.unchanged and before.digest is not None and reply.digest == before.digest:
             return None
         return _received(reply, [] if reply.unchanged else _assemble(reply, received, None, None), before.algo)
@@ -322,6 +310,19 @@ class RemoteSession:
 
     async def close(self) -> None:
         await self.transport.close()
+
+
+def _shared_with(entries: Callable[[], Awaitable[list[Entry]]]) -> Callable[[list[Entry]], Awaitable[list[Entry]]]:
+    """A call's on_chunk: received entries equal to one of `entries()` become that one (see
+    EntryPool). `entries` is awaited at the first chunk; the rest wait in the channel meanwhile."""
+    pool: EntryPool | None = None
+
+    async def share(decoded: list[Entry]) -> list[Entry]:
+        nonlocal pool
+        if pool is None:
+            pool = EntryPool(await entries())
+        return pool.share(decoded)
+    return share
 
 
 async def _unchanged_entries(copy: Path, digest: str, count: int,
