@@ -192,6 +192,28 @@ def test_walk_sections_agree_with_classify_by_fd_or_by_path(tmp_path: Path, monk
     assert stats["_derived/a/b/c.parquet"] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+def test_plain_names_walk_as_the_general_path_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ASCII names without line breaks take a columnar path per directory; every other name the
+    general one. Both give the same rows, in the same runs, for every kind and section."""
+    write(tmp_path, {
+        "records.parquet": b"p", "meta.md": b"m", ".events.log": b"e\n", "a.txt": b"a", "a-b/c": b"c",
+        "a/b": b"b", "a/b.c/d": b"d", "a/b-c": b"bc", "a0": b"0", "_derived/x/y": b"y", "_derived/x.y": b"xy",
+        "_snapshots/s/records.parquet": b"s", ".usr.lock": b"", "_derived/.rsync-partial/p": b"p",
+    })
+    os.symlink("records.parquet", tmp_path / "link")
+    os.symlink("/", tmp_path / "a" / "dirlink")
+    os.mkfifo(tmp_path / "a" / "fifo")
+    plain = list(engine.walk_batches(str(tmp_path)))
+    monkeypatch.setattr(engine, "_isascii", None)  # every directory through the general path
+    assert list(engine.walk_batches(str(tmp_path))) == plain
+    assert [rel for batch in plain for rel, _, _, _ in batch] == [
+        ".events.log", "_derived/x.y", "_derived/x/y", "_snapshots/s/records.parquet", "a-b/c", "a.txt",
+        "a/b", "a/b-c", "a/b.c/d", "a/dirlink", "a/fifo", "a0", "link", "meta.md", "records.parquet",
+    ]
+    kinds = {rel: kind for batch in plain for rel, _, kind, _ in batch}
+    assert (kinds["a/dirlink"], kinds["a/fifo"], kinds["link"]) == ("symlink", "special", "symlink")
+
+
 def test_scan_of_a_missing_dir_is_empty(tmp_path: Path) -> None:
     assert list(engine.walk_batches(str(tmp_path / "missing"))) == []
 
@@ -727,6 +749,97 @@ def test_a_scan_keeps_what_it_met_and_what_it_put_in_path_order(tmp_path: Path, 
     assert doc["paths"] == sorted(expected) and ds.entries() == expected
     cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
     assert loaded_cache(cache) == expected
+
+
+def counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths the engine hashes from now on, in order."""
+    hashed: list[str] = []
+    real = engine.hash_file
+
+    def counted(path: str, *args: Any, **kw: Any) -> Any:
+        hashed.append(path)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(engine, "hash_file", counted)
+    return hashed
+
+
+def test_a_warm_scan_takes_each_unchanged_directory_from_the_cache_at_once(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daily no-op: every run of files the cache holds unchanged is taken in one piece, with
+    no per-file lookup and nothing hashed, and the entries are the ones a per-file scan gives."""
+    files = {f"_derived/d{i % 4}/f{i:03d}": b"%d" % i for i in range(200)}
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "meta.md": b"m", "notes/x": b"x", **files})
+    first = engine.build_manifest(str(ds.root), "sha256", cache_dir=str(ds.cache_dir))
+    saved = ds.cache_path.stat().st_ino
+
+    def no_single_lookups(*_: Any) -> None:
+        raise AssertionError("a per-file cache lookup in a no-op scan")
+
+    monkeypatch.setattr(engine.HashCache, "get", no_single_lookups)
+    hashed = counting_hashes(monkeypatch)
+    assert engine.build_manifest(str(ds.root), "sha256", cache_dir=str(ds.cache_dir)) == first
+    assert hashed == []
+    assert ds.cache_path.stat().st_ino == saved  # every entry met: nothing to save
+
+
+@pytest.mark.parametrize("change", ["rewritten", "added", "removed", "racy"])
+def test_a_run_with_a_change_is_looked_up_file_by_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       change: str) -> None:
+    """One changed file in a directory: that directory is looked up file by file, so only the
+    changed file is hashed, its neighbours still come from the cache (forged digests prove it),
+    and the other directories are still taken whole."""
+    files = {f"_derived/d{i % 3}/f{i:02d}": b"%d" % i for i in range(30)}
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", **files})
+    ds.manifest()
+    ds.forge("_derived/d1/f01")  # a neighbour of the change, taken from the cache
+    ds.forge("_derived/d2/f02")  # in an unchanged directory
+    target = "_derived/d1/f04"
+    if change == "rewritten":
+        write(ds.root, {target: b"rewritten"})
+    elif change == "added":
+        target = "_derived/d1/f04a"
+        write(ds.root, {target: b"new"})
+    elif change == "removed":
+        (ds.root / target).unlink()
+    else:
+        write(ds.root, {target: b"4"}, mtime=None)  # same bytes, mtime now: inside the racy window
+    hashed = counting_hashes(monkeypatch)
+    digests = ds.manifest()
+    assert digests["_derived/d1/f01"] == FORGED and digests["_derived/d2/f02"] == FORGED
+    assert [os.path.relpath(path, ds.root) for path in hashed] == ([] if change == "removed" else [target])
+    if change != "removed":
+        assert digests[target] == sha((ds.root / target).read_bytes())
+    else:
+        assert target not in digests
+
+
+def test_a_warm_scan_leaves_sections_out_of_hash_sections_unhashed(tmp_path: Path) -> None:
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/b": b"b"})
+    ds.manifest()
+    assert ds.manifest(hash_sections={"primary"}) == {"records.parquet": sha(b"PAR1"), "_derived/a": "",
+                                                      "_derived/b": ""}
+
+
+def test_a_run_whose_key_does_not_pack_is_looked_up_file_by_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"aa", "_derived/b": b"b"})
+    ds.manifest()
+    ds.forge("_derived/a")
+    real_pack = engine.CACHE_KEY
+
+    class Unpackable:
+        size = real_pack.size
+
+        @staticmethod
+        def pack(*values: int) -> bytes:
+            if values[0] == 1:  # _derived/b's size: as if its mtime were past the year 2262
+                raise engine.struct.error("out of range")
+            return real_pack.pack(*values)
+
+    monkeypatch.setattr(engine, "CACHE_KEY", Unpackable)
+    digests = ds.manifest()
+    assert digests["_derived/a"] == FORGED and digests["_derived/b"] == sha(b"b")
 
 
 def test_puts_in_any_order_land_in_path_order_and_the_last_put_wins(tmp_path: Path) -> None:
