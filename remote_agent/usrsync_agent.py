@@ -558,6 +558,7 @@ def gc_paused():
 
 _isascii = getattr(str, "isascii", None)  # Python >= 3.7
 _first = itemgetter(0)
+_path_attribute = attrgetter("path")
 # What a scan keeps of an lstat (the hash cache keys on it, packed: cache_key). An os.stat_result
 # takes ~600 bytes, this ~170: a scan holds one per file of the directory at hand.
 _FileStat = collections.namedtuple("FileStat", "st_size st_mtime_ns st_ctime_ns st_ino")
@@ -733,7 +734,7 @@ class Cancelled(Exception):
     """build_manifest's `cancelled` event was set: the caller no longer wants the result."""
 
 
-def _cached_run(cache, batch, racy_from, hash_sections):
+def _cached_run(cache, batch, racy_from, hash_sections, entry_type=None):
     """The manifest entries of a run of files from the walk when the cache holds every one of
     them unchanged, else None: a no-op scan's common case, at C speed per column instead of a
     lookup per file. The rules are build_manifest's: files of hashed sections, not racy, not
@@ -753,11 +754,13 @@ def _cached_run(cache, batch, racy_from, hash_sections):
     if found is None:
         return None
     paths, digests = found
-    return list(map(list, zip(paths, sections, map(_stat_size, stats), mtimes, kinds, digests, repeat(None))))
+    fields = zip(paths, sections, map(_stat_size, stats), mtimes, kinds, digests, repeat(None))
+    return list(map(list, fields) if entry_type is None else starmap(entry_type, fields))
 
 
 def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sections=None,
-                   trusted=None, progress=None, progress_start=None, cancelled=None, cache=None):
+                   trusted=None, progress=None, progress_start=None, cancelled=None, cache=None,
+                   entry_type=None):
     """Manifest entries [path, section, size, mtime_ns, kind, digest, lines], sorted by path.
 
     `hash_sections`: sections whose files are hashed (default all); others get digest "".
@@ -768,6 +771,9 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     `cancelled`: a threading.Event; once set, Cancelled is raised before the next file is hashed.
     `cache`: a HashCache of this root and algo to use, and leave for the caller to save; without
     it, the cache is loaded from `cache_dir` and saved here.
+    `entry_type`: a class built from those seven fields, in that order, with the path as its
+    attribute `path`; the entries are of it instead of lists. A warm scan then builds no list of
+    the whole tree at all (at a million files, ~130 MB of lists the caller would convert).
     """
     scan_start = _time_ns()
     owned = use_cache and cache is None
@@ -780,12 +786,15 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     racy_from = scan_start - RACY_WINDOW_NS
     entries = []
     to_hash = []
+    as_lists = []  # with entry_type: the positions of the entries built as lists, to convert at the end
     with gc_paused():
         for batch in walk_batches(root):
-            cached = _cached_run(cache, batch, racy_from, hash_sections) if cache is not None else None
+            cached = _cached_run(cache, batch, racy_from, hash_sections, entry_type) if cache is not None else None
             if cached is not None:
                 entries += cached
                 continue
+            if entry_type is not None:
+                as_lists += range(len(entries), len(entries) + len(batch))
             for rel, section, kind, st in batch:
                 entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
                 entries.append(entry)
@@ -813,7 +822,6 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 else:
                     to_hash.append((entry, key))  # the key, not the FileStat: ~190 bytes less per file
             del batch  # this directory's FileStats can go: entries and keys hold what is needed
-        entries.sort(key=_first)  # in path order already (see _walk): one pass to confirm it
 
     done = [0, 0]
     lock = threading.Lock()
@@ -863,6 +871,11 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                     pass
         del small, big
     del to_hash  # ~130 bytes a file hashed: gone before the cache merges what was put and saves it
+    for i in as_lists:
+        entries[i] = entry_type(*entries[i])
+    del as_lists
+    # In path order already (see _walk), but for names shown escaped: one pass confirms it.
+    entries.sort(key=_first if entry_type is None else _path_attribute)
     if cache is not None:
         cache.finish_scan()
         if owned:

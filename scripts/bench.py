@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -614,7 +615,7 @@ def s6_child(entries: int) -> dict[str, Any]:
     import msgspec
 
     from usrsync.compare import Policy, compare
-    from usrsync.manifest import Entry, EntryPool, Manifest, engine_entries
+    from usrsync.manifest import Entry, EntryPool, Manifest
     from usrsync.plan import MaxDelete, plan_transfer
 
     baseline = _vm_hwm_mb()
@@ -627,11 +628,13 @@ def s6_child(entries: int) -> dict[str, Any]:
         return [f"_derived/d{i // per_dir:04d}/part-{i:07d}.parquet", "_derived", 4096 + i % 7919,
                 1_700_000_000_000_000_000 + i, "file", digest, None]
 
-    # Local: engine lists converted as usrsync.manifest.local_manifest does. Remote: JSON chunks as
-    # the agent sends them, decoded into typed entries as usrsync.protocol does, each chunk's
-    # entries equal to local ones then exchanged for those as usrsync.session does.
+    # Local: typed entries built from the fields, as a warm scan for usrsync.manifest.local_manifest
+    # builds them. Remote: JSON chunks as the agent sends them, decoded into typed entries as
+    # usrsync.protocol does, each chunk's entries equal to local ones then exchanged for those as
+    # usrsync.session does.
     primary = ["records.parquet", "primary", 4096, 1_700_000_000_000_000_000, "file", "0" * 32, None]
-    local_entries = engine_entries([raw(i, "local") for i in range(entries)] + [primary])
+    local_entries = list(itertools.starmap(Entry, itertools.chain((raw(i, "local") for i in range(entries)),
+                                                                  [primary])))
     pool = EntryPool(local_entries)
     remote_entries: list[Entry] = []
     chunk = 5000

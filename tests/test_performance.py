@@ -12,6 +12,7 @@ import marshal
 import mmap
 import operator
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from usrsync.compare import Policy, SectionDelta, compare
 from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
 from usrsync.errors import ProtocolError, RemoteError
 from usrsync.manifest import Entry, EntryPool, Manifest, validate_remote_entries
-from usrsync.plan import FileTarget, TransferPlan
+from usrsync.plan import TransferPlan
 from usrsync.session import RemoteSession
 
 OLD = 1_700_000_000
@@ -536,6 +537,39 @@ def test_unchanged_scan_leaves_the_cache_file_alone(tmp_path: Path) -> None:
     assert loaded_cache(engine.HashCache(str(cache_dir), str(root), "sha256"))["_derived/a"][1] == sha(b"A")
 
 
+# --- the local scan builds typed entries itself ------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan", ["first", "warm", "one changed"])
+def test_typed_entries_from_the_scan_equal_its_lists_converted(tmp_path: Path, scan: str) -> None:
+    """local_manifest has the engine build Entry objects (from the cache's columns on a warm
+    scan, from its lists otherwise): the same entries, in the same order, as converting the lists,
+    with .events.log's line count, symlinks, and an escaped name that sorts out of the walk's order."""
+    root, cache_dir = tmp_path / "ds", tmp_path / "cache"
+    files = {f"_derived/d{i % 3}/f{i:02d}": b"%d" % i for i in range(20)}
+    write(root, {"records.parquet": b"PAR1", ".events.log": b"a\nb\n", "meta.md": b"m", **files})
+    os.symlink("records.parquet", root / "link")
+    (root / "_derived" / os.fsdecode(b"d1\xff")).mkdir()
+    (root / "_derived" / os.fsdecode(b"d1\xff") / "x").write_bytes(b"x")
+    if scan != "first":
+        engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
+    if scan == "one changed":
+        write(root, {"_derived/d1/f04": b"changed"})
+
+    def scan_both() -> tuple[list, list]:
+        lists = engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir / "lists"))
+        typed = engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir), entry_type=Entry)
+        return lists, typed
+
+    if scan != "first":  # both caches in the same state
+        shutil.copytree(cache_dir, cache_dir / "lists")
+    lists, typed = scan_both()
+    assert all(type(e) is Entry for e in typed)
+    assert typed == msgspec.convert(lists, list[Entry])
+    assert [e.path for e in typed] == sorted(e.path for e in typed)
+    assert {e.path: e.lines for e in typed}[".events.log"] == 2
+
+
 # --- hashing: small files in this thread, large ones on the pool -----------------------------------
 
 
@@ -686,13 +720,13 @@ def test_in_sync_after_promotion_is_the_filtered_comparison(dest: dict, source: 
                         entries=[entry(p, d, (OLD + m) * 10**9) for p, (d, m) in sorted(files.items())])
 
     prefix = subtree + "/" if subtree else ""
-    expected = {p: FileTarget(len(d), sha(d)) for p, (d, _) in staged.items() if p.startswith(prefix)}
+    expected = {p: entry(p, d) for p, (d, _) in staged.items() if p.startswith(prefix)}
     plan = TransferPlan(direction="pull", subtree=subtree, copy=[], link=[], delete=[], expected=expected, reread=[],
                         bytes=0, bootstrap=False)
     for dest_files in (dest, source):  # the second: outside the subtree nothing differs
         args = (manifest(dest_files), manifest(source), plan, policy)
         assert sync_mod.in_sync_after_promotion(*args) == after_promotion_by_filtering(*args)
     # What a good transfer leaves: the source everywhere, below the subtree as planned.
-    done = msgspec.structs.replace(plan, expected={p: FileTarget(len(d), sha(d)) for p, (d, _) in source.items()
+    done = msgspec.structs.replace(plan, expected={p: entry(p, d) for p, (d, _) in source.items()
                                                    if p.startswith(prefix)})
     assert sync_mod.in_sync_after_promotion(manifest(source), manifest(source), done, policy)

@@ -11,7 +11,7 @@ from usrsync.compare import EventsState, Policy, compare
 from usrsync.dataset import classify
 from usrsync.errors import EXIT_REFUSED, EXIT_USAGE, RefusedError, UsrError
 from usrsync.manifest import Manifest
-from usrsync.plan import FileTarget, MaxDelete, parse_max_delete, plan_transfer
+from usrsync.plan import MaxDelete, TransferPlan, parse_max_delete, plan_transfer
 
 ALL = MaxDelete(percent=100.0)
 
@@ -35,9 +35,14 @@ def plan(local: Manifest, remote: Manifest, direction: str = "pull", policy: Pol
     return plan_transfer(compare(local, remote, policy, events=events), direction, policy, max_delete)
 
 
-def target(data: bytes) -> FileTarget:
+def target(data: bytes) -> tuple[int, str]:
+    """What the staged tree must hold at a path: (size, digest)."""
     entry = manifest_of({"x": data}).entries[0]
-    return FileTarget(entry.size, entry.digest)
+    return entry.size, entry.digest
+
+
+def targets(p: TransferPlan) -> dict[str, tuple[int, str]]:
+    return {path: (e.size, e.digest) for path, e in p.expected.items()}
 
 
 def test_pull_lists() -> None:
@@ -45,7 +50,7 @@ def test_pull_lists() -> None:
     assert p.copy == ["_derived/ns/b", "_snapshots/s2", "records.parquet"]
     assert p.link == ["_derived/ns/a", "meta.md"]
     assert p.delete == ["notes.txt"]
-    assert p.expected == {path: target(data) for path, data in REMOTE.items()}
+    assert targets(p) == {path: target(data) for path, data in REMOTE.items()}
     assert p.reread == p.copy
     assert p.bytes == sum(len(REMOTE[path]) for path in p.copy)
     assert (p.direction, p.bootstrap, p.noop) == ("pull", False, False)
@@ -56,7 +61,7 @@ def test_push_mirrors_pull() -> None:
     assert p.copy == ["notes.txt", "records.parquet"]
     assert p.link == ["_derived/ns/a", "meta.md"]
     assert p.delete == ["_derived/ns/b", "_snapshots/s2"]
-    assert p.expected == {path: target(data) for path, data in LOCAL.items()}
+    assert targets(p) == {path: target(data) for path, data in LOCAL.items()}
     assert p.bytes == len(LOCAL["notes.txt"]) + len(LOCAL["records.parquet"])
 
 
@@ -80,7 +85,7 @@ def test_reread_skips_files_without_digests() -> None:
     p = plan(local, remote, "pull", policy)
     assert p.copy == ["_derived/ns/b", "_snapshots/s2", "records.parquet"]
     assert p.reread == ["_snapshots/s2", "records.parquet"]
-    assert p.expected["_derived/ns/b"] == FileTarget(len(REMOTE["_derived/ns/b"]), "")
+    assert targets(p)["_derived/ns/b"] == (len(REMOTE["_derived/ns/b"]), "")
 
 
 @pytest.mark.parametrize("direction", ["pull", "push"])
@@ -93,7 +98,7 @@ def test_out_of_scope_sections_are_kept_from_the_destination(direction: str) -> 
     dest_files = LOCAL if direction == "pull" else REMOTE
     source_files = REMOTE if direction == "pull" else LOCAL
     assert p.link == sorted(path for path in dest_files if path != "records.parquet")
-    assert p.expected == {**{path: target(data) for path, data in dest_files.items()},
+    assert targets(p) == {**{path: target(data) for path, data in dest_files.items()},
                           "records.parquet": target(source_files["records.parquet"])}
 
 
@@ -305,7 +310,7 @@ def test_promotion_root(direction: str, changes: dict[str, bytes | None], subtre
     assert p.copy == sorted(k for k, v in edited.items() if TREE.get(k) != v)
     assert p.delete == sorted(set(TREE) - set(edited))
     assert p.link == sorted(k for k, v in edited.items() if TREE.get(k) == v and k.startswith(prefix))
-    assert p.expected == {k: target(v) for k, v in edited.items() if k.startswith(prefix)}
+    assert targets(p) == {k: target(v) for k, v in edited.items() if k.startswith(prefix)}
     assert p.reread == p.copy
     assert [p.staged(k) for k in p.copy] == [k.removeprefix(prefix) for k in p.copy]
 
@@ -335,7 +340,7 @@ def test_out_of_scope_files_below_the_root_are_linked_from_the_destination() -> 
     assert (p.subtree, p.copy, p.link) == ("_derived/d1", ["_derived/d1/f0"], D1[1:])
     p = plan(manifest_of(local), manifest_of(remote | {"meta.md": b"# m2\n"}), "pull", Policy(skip_snapshots=True))
     assert p.subtree == ""
-    assert p.expected["_snapshots/a/s1"] == target(b"local")
+    assert targets(p)["_snapshots/a/s1"] == target(b"local")
     assert "_snapshots/a/s1" in p.link
 
 
@@ -375,7 +380,7 @@ def test_plan_stages_exactly_the_mirror(lfiles, changes, direction, primary_only
         return not directory or path.startswith(directory + "/")
 
     # Exchanging live/<subtree> for the staged tree turns the destination into the mirror.
-    assert {k: target(v) for k, v in dest.items() if not below(k)} | p.expected == \
+    assert {k: target(v) for k, v in dest.items() if not below(k)} | targets(p) == \
         {k: target(v) for k, v in staged.items()}
     assert all(below(k) for k in p.expected)
     assert set(p.copy).isdisjoint(p.link)

@@ -13,7 +13,7 @@ import msgspec
 from usrsync.compare import Comparison, Policy
 from usrsync.dataset import EVENTS, PRIMARY, classify
 from usrsync.errors import RefusedError, UsrError
-from usrsync.manifest import prefix_bounds
+from usrsync.manifest import Entry, prefix_bounds
 
 Direction = Literal["pull", "push"]
 _path = operator.attrgetter("path")
@@ -46,11 +46,6 @@ def parse_max_delete(text: str) -> MaxDelete:
     return MaxDelete(count=int(match.group(1)))
 
 
-class FileTarget(msgspec.Struct, array_like=True, frozen=True, gc=False):  # one per file: no GC tracking
-    size: int
-    digest: str
-
-
 class TransferPlan(msgspec.Struct, kw_only=True):
     """What a pull or push does. Every path is dataset-relative, `subtree` included.
 
@@ -64,7 +59,8 @@ class TransferPlan(msgspec.Struct, kw_only=True):
     copy: list[str]        # source paths whose bytes must move (all below subtree)
     link: list[str]        # destination files below subtree hard-linked into staging unchanged
     delete: list[str]      # destination paths that the source no longer has (all below subtree)
-    expected: dict[str, FileTarget]  # the staged subtree, exactly: live/<subtree> after promotion
+    expected: dict[str, Entry]  # the staged subtree, exactly (live/<subtree> after promotion): each
+    # path's entry on the source, or on the destination for a section out of scope (kept as it is)
     reread: list[str]      # copied paths whose staged bytes are reread and hashed
     bytes: int
     bootstrap: bool
@@ -143,8 +139,9 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         link = [p for paths in unchanged for p in (paths if not prefix else _below(paths, prefix))]
         # The staged tree: every source file of the sections in scope (kept, changed or new), and
         # the destination's own files of the others (kept), read straight from the path-sorted
-        # lists: no dict of either manifest by path (at a million files, ~100 MB each).
-        expected = {e.path: FileTarget(e.size, e.digest)
+        # lists: no dict of either manifest by path (at a million files, ~100 MB each). The entries
+        # themselves are the targets: no object of its own per file (~32 MB and ~0.3 s less a million).
+        expected = {e.path: e
                     for files, scoped in ((source_files, True), (dest_files, False))
                     for e in (files if not prefix else _below(files, prefix, key=_path))
                     if in_scope[e.section] == scoped}
