@@ -362,10 +362,10 @@ class Dataset:
         entries = engine.build_manifest(str(self.root), "sha256", cache_dir=str(self.cache_dir), **kw)
         return {e[0]: e[5] for e in entries}
 
-    def remember(self, proven: dict[str, list]) -> None:
+    def remember(self, proven: dict[str, list], stats: dict[str, list] | None = None) -> None:
         """engine.remember_digests on this dataset's cache, saved as its owner would."""
         cache = engine.HashCache(str(self.cache_dir), str(self.root), "sha256")
-        engine.remember_digests(cache, proven)
+        engine.remember_digests(cache, proven, stats)
         cache.save()
 
     def document(self) -> dict[str, Any]:
@@ -879,6 +879,32 @@ def test_remembered_digests_are_cached_with_the_full_key_and_the_rest_kept(tmp_p
     assert ds.manifest()["_derived/moved"] == FORGED  # taken from the cache, not read
 
 
+def test_remembered_digests_take_their_keys_from_the_live_trees_check(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of the promoted tree has just stat'ed every file: its stats make the keys, and only
+    a path it lacks is looked up again. A key seen there that no longer holds is simply a miss."""
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/b": b"b"})
+    size, mtime_ns, ctime_ns, ino = ds.key("_derived/a")
+    b_size, b_mtime_ns, _, b_ino = ds.key("_derived/b")
+    stats = {"_derived/a": [ino, size, mtime_ns, ctime_ns + 7]}  # a ctime no lstat would give
+    looked_up = []
+    real_lstat = os.lstat
+
+    def lstat(path: Any, *args: Any, **kw: Any) -> Any:
+        looked_up.append(os.path.relpath(path, ds.root))
+        return real_lstat(path, *args, **kw)
+
+    monkeypatch.setattr(engine.os, "lstat", lstat)
+    ds.remember({"_derived/a": [ino, size, mtime_ns, FORGED], "_derived/b": [b_ino, b_size, b_mtime_ns, FORGED]},
+                stats)
+    monkeypatch.undo()
+    assert looked_up == ["_derived/b"]
+    cached = ds.cached()
+    assert cached["_derived/a"] == [size, mtime_ns, ctime_ns + 7, ino, FORGED]
+    assert cached["_derived/b"] == ds.key("_derived/b") + [FORGED]
+    assert ds.manifest()["_derived/a"] == sha(b"a")  # the stats' key is not the file's: read again
+
+
 @pytest.mark.parametrize("stale", ["inode", "size", "mtime"])
 def test_a_file_changed_since_its_reread_is_not_remembered(tmp_path: Path, stale: str) -> None:
     ds = Dataset(tmp_path)
@@ -1155,7 +1181,7 @@ def test_verify_accepts_the_exact_tree(base: Path) -> None:
     assert result["problems"] == []
     assert (result["checked"], result["bytes"]) == (2, len(OLD_TREE["records.parquet"]) + 1)
     stats = {rel: (root / rel).stat() for rel in OLD_TREE}
-    assert result["stats"] == {rel: [st.st_ino, st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
+    assert result["stats"] == {rel: [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] for rel, st in stats.items()}
 
 
 def test_verify_reports_every_kind_of_problem(base: Path) -> None:

@@ -267,6 +267,12 @@ def test_argv_350_to_350_exact():
     ]
 
 
+def test_argv_without_checksum_for_a_destination_with_nothing_to_compare():
+    argv = argv_for(V350, V350, checksum=False)
+    assert argv == ["rsync", *[a for a in COMMON if a != "--checksum"], "--secluded-args", "--checksum-choice=xxh128",
+                    "--outbuf=L", "--timeout=300", "--", "host:/base/ds/", "/root/.usrsync/staging/ds/"]
+
+
 def test_argv_350_to_313():
     argv = argv_for(V350, V313)
     assert argv == ["rsync", *COMMON, "--protect-args", "--outbuf=L", "--timeout=300", "--",

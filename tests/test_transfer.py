@@ -263,6 +263,38 @@ def test_a_pull_whose_list_cannot_be_written_on_the_remote_keeps_it_here(sides: 
 # --- locks ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("action", ["pull", "push"])
+def test_a_first_transfer_leaves_out_checksum_and_a_later_one_compares_content(sides: Sides, tmp_path: Path,
+                                                                               action: str) -> None:
+    """With no destination dataset there is nothing for --checksum to compare: it would only make
+    the sender read every file twice. Once there is one (rsync's --copy-dest basis), content
+    decides: a same-size rewrite with its mtime put back still moves."""
+    source = sides.remote if action == "pull" else sides.local
+    (sides.seed_remote if action == "pull" else sides.seed_local)()
+
+    def run() -> tuple[list[list[str]], dict]:
+        out = tmp_path / "audit.json"
+        r = run_usr(sides.cfg, "--log-format", "json", "-v", action, DATASET, REMOTE, "-y", "--audit-json-out", str(out))
+        assert r.returncode == 0, r.stderr
+        events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+        return [e["argv"] for e in events if e["event"] == "rsync.start"], load_audit(out)
+
+    argvs, audit = run()
+    assert argvs and all("--checksum" not in argv for argv in argvs)
+    assert audit["transfer"]["files"] == len(BASE_FILES) and audit["post"]["in_sync"]
+    sides.assert_in_sync()
+
+    target = source / "_derived" / "ns" / "part-0001.parquet"
+    before = target.stat()
+    target.write_bytes(bytes(reversed(target.read_bytes())))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    sides.chown_remote()
+    argvs, audit = run()
+    assert argvs and all("--checksum" in argv and any(a.startswith("--copy-dest=") for a in argv) for argv in argvs)
+    assert audit["transfer"]["files"] == 1 and audit["post"]["in_sync"]
+    sides.assert_in_sync()
+
+
 def test_concurrent_pull_is_refused_naming_the_holder(sides: Sides, tmp_path: Path) -> None:
     sides.seed_remote()
     marker = tmp_path / "paused"

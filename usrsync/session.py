@@ -78,7 +78,7 @@ class VerifyReply(msgspec.Struct):
     problems: list[tuple[str, str]]
     checked: int
     bytes: int
-    stats: dict[str, tuple[int, int, int]]  # relpath -> (inode, size, mtime_ns)
+    stats: dict[str, tuple[int, int, int, int]]  # relpath -> (inode, size, mtime_ns, ctime_ns)
 
 
 class PromoteReply(msgspec.Struct):

@@ -460,7 +460,10 @@ class Run:
             async with self._file_list(batch, remote_list) as (files_from, on_remote):
                 argv = rsync.build_argv(local=local_info, remote=remote_info, source=source, dest=dest,
                                         files_from=files_from, remote_list=on_remote, rsh=transport.rsync_rsh(),
-                                        rsync_path=transport.rsync_path(), basis_dir=basis)
+                                        rsync_path=transport.rsync_path(), basis_dir=basis,
+                                        # Staging holds no listed file: with no basis either (a first
+                                        # transfer), rsync has nothing to compare content with.
+                                        checksum=basis is not None)
                 result = await transport.run_rsync(argv, on_change=on_change)
             self.data.transfer.rsync_exit = result.exit_code
             if result.exit_code != 0:
@@ -566,7 +569,8 @@ class Run:
             self._post(policy, plan, local, remote, result, check.problems)
             if self.options.use_cache:  # the staged inodes are live now: the next scan need not read them
                 proven = {**linked, **engine.reread_digests(result.stats, expected, plan.reread)}
-                await asyncio.to_thread(lambda: engine.remember_digests(self._hash_cache(self.algo), proven))
+                await asyncio.to_thread(lambda: engine.remember_digests(self._hash_cache(self.algo), proven,
+                                                                        check.stats))
         finally:
             if not promoted:
                 await asyncio.to_thread(engine.remove_tree, staging)
@@ -645,7 +649,7 @@ def linked_digests(plan: TransferPlan, staged: VerifyReply, dest_before: Manifes
     trusted = {}
     for path in plan.link:
         entry, stat = before.get(path), staged.stats.get(path)
-        if entry is not None and stat is not None and entry.digest and stat[1:] == (entry.size, entry.mtime_ns):
+        if entry is not None and stat is not None and entry.digest and stat[1:3] == (entry.size, entry.mtime_ns):
             trusted[path] = [stat[0], entry.size, entry.mtime_ns, entry.digest]
     return trusted
 
