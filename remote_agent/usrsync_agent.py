@@ -179,9 +179,12 @@ def _buffer():
     return buf
 
 
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def open_nofollow(path):
     """Open for reading without following a symlink planted in place of the file."""
-    return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    return os.open(path, _READ_FLAGS)
 
 
 def hash_file(path, algo, count_lines=False):
@@ -568,6 +571,7 @@ _stat_fields = attrgetter(*_FileStat._fields)
 _stat_mode = attrgetter("st_mode")
 _stat_size = attrgetter("st_size")
 _stat_mtime = attrgetter("st_mtime_ns")
+_verify_stat = itemgetter(3, 0, 1, 2)  # a FileStat as verify_tree() reports it: (inode, size, mtime_ns, ctime_ns)
 _entry_name = attrgetter("name")
 _entry_is_dir = methodcaller("is_dir", follow_symlinks=False)  # from d_type: no stat
 _entry_lstat = methodcaller("stat", follow_symlinks=False)
@@ -1227,22 +1231,27 @@ def verify_tree(root, expected, reread, algo, subtree=""):
         return {"problems": [[subtree or ".", "not a directory"]], "checked": 0, "bytes": 0, "stats": {}}
     prefix = subtree + "/" if subtree else ""
     problems = []
-    seen = set()
-    stats = {}
+    stats = {}  # every path met, whatever it is
     with gc_paused():
-        for rel, _, kind, st in (item for batch in walk_batches(root) for item in batch):
+        for batch in walk_batches(root):
+            paths, _, kinds, file_stats = zip(*batch)
             if prefix:
-                rel = prefix + rel
-            seen.add(rel)
-            stats[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-            if kind != KIND_FILE:
-                problems.append([rel, "not a regular file (%s)" % kind])
-            elif rel not in expected:
-                problems.append([rel, "unexpected file"])
-            elif st.st_size != expected[rel][0]:
-                problems.append([rel, "size %d, expected %d" % (st.st_size, expected[rel][0])])
-    for rel in sorted(set(expected) - seen):
-        problems.append([rel, "missing"])
+                paths = tuple(map(prefix.__add__, paths))
+            stats.update(zip(paths, map(_verify_stat, file_stats)))
+            # The usual run: regular files, each expected and of its size, checked a column at a time.
+            if kinds.count(KIND_FILE) == len(kinds) and all(map(expected.__contains__, paths)) \
+                    and list(map(_stat_size, file_stats)) == list(map(_first, map(expected.__getitem__, paths))):
+                continue
+            for rel, kind, st in zip(paths, kinds, file_stats):
+                if kind != KIND_FILE:
+                    problems.append([rel, "not a regular file (%s)" % kind])
+                elif rel not in expected:
+                    problems.append([rel, "unexpected file"])
+                elif st.st_size != expected[rel][0]:
+                    problems.append([rel, "size %d, expected %d" % (st.st_size, expected[rel][0])])
+    # Without a problem, as many paths as expected, each one expected: none is missing.
+    if problems or len(stats) != len(expected):
+        problems += [[rel, "missing"] for rel in sorted(set(expected).difference(stats))]
     bad = set(p[0] for p in problems)
     checked = 0
     nbytes = 0

@@ -1181,7 +1181,7 @@ def test_verify_accepts_the_exact_tree(base: Path) -> None:
     assert result["problems"] == []
     assert (result["checked"], result["bytes"]) == (2, len(OLD_TREE["records.parquet"]) + 1)
     stats = {rel: (root / rel).stat() for rel in OLD_TREE}
-    assert result["stats"] == {rel: [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] for rel, st in stats.items()}
+    assert result["stats"] == {rel: (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in stats.items()}
 
 
 def test_verify_reports_every_kind_of_problem(base: Path) -> None:
@@ -1200,6 +1200,14 @@ def test_verify_reports_every_kind_of_problem(base: Path) -> None:
         ["unexpected", "unexpected file"],
     ]
     assert result["checked"] == 2  # the bad ones are not reread
+
+
+def test_verify_finds_a_file_replaced_by_another_of_the_same_size(base: Path) -> None:
+    """As many files as expected, all of their sizes, in one directory: one is still the wrong one."""
+    root = base / DATASET
+    (root / "_derived/ns/a").rename(root / "_derived/ns/z")
+    result = engine.verify_tree(str(root), expected_of(OLD_TREE), [], "sha256")
+    assert result["problems"] == [["_derived/ns/a", "missing"], ["_derived/ns/z", "unexpected file"]]
 
 
 def test_verify_without_reread_checks_sizes_only(base: Path) -> None:
