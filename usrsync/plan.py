@@ -140,7 +140,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         # The staged tree: every source file of the sections in scope (kept, changed or new), and
         # the destination's own files of the others (kept), read straight from the path-sorted
         # lists: no dict of either manifest by path (at a million files, ~100 MB each). The entries
-        # themselves are the targets: no object of its own per file (~32 MB and ~0.3 s less a million).
+        # themselves are the targets: no object of its own per file (32 bytes each).
         expected = {e.path: e
                     for files, scoped in ((source_files, True), (dest_files, False))
                     for e in (files if not prefix else _below(files, prefix, key=_path))
