@@ -791,7 +791,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     racy_from = scan_start - RACY_WINDOW_NS
     entries = []
     to_hash = []
-    as_lists = []  # with entry_type: the positions of the entries built as lists, to convert at the end
+    as_lists = []  # with entry_type: (start, stop) of each run of entries built as lists, converted at the end
     with gc_paused():
         for batch in walk_batches(root):
             cached = _cached_run(cache, batch, racy_from, hash_sections, entry_type) if cache is not None else None
@@ -799,7 +799,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 entries += cached
                 continue
             if entry_type is not None:
-                as_lists += range(len(entries), len(entries) + len(batch))
+                as_lists.append((len(entries), len(entries) + len(batch)))
             for rel, section, kind, st in batch:
                 entry = [rel, section, st.st_size, st.st_mtime_ns, kind, "", None]
                 entries.append(entry)
@@ -876,8 +876,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                     pass
         del small, big
     del to_hash  # ~130 bytes a file hashed: gone before the cache merges what was put and saves it
-    for i in as_lists:
-        entries[i] = entry_type(*entries[i])
+    for start, stop in as_lists:
+        entries[start:stop] = starmap(entry_type, entries[start:stop])
     del as_lists
     # In path order already (see _walk), but for names shown escaped: one pass confirms it.
     entries.sort(key=_first if entry_type is None else _path_attribute)
