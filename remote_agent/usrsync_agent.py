@@ -1855,11 +1855,11 @@ class Agent(object):
 
     def call_remove_file_list(self, args):
         check_dataset_id(args["dataset"])
-        path = file_list_path(args["base_dir"], args["dataset"], args["txid"])
-        existed = os.path.lexists(path)
-        if existed:
-            os.unlink(path)
-        return {"removed": existed}
+        try:
+            os.unlink(file_list_path(args["base_dir"], args["dataset"], args["txid"]))
+        except FileNotFoundError:
+            return {"removed": False}
+        return {"removed": True}
 
     def call_cleanup(self, args):
         staging = staging_path(args["base_dir"], args["dataset"], args["txid"])

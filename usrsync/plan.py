@@ -151,7 +151,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
             break
         subtree = subtree.rpartition("/")[0]
     link.sort()
-    reread = [p for p in copy if expected[p].digest and (policy.sidecars or classify(p) == PRIMARY)]
+    reread = [p for p in copy if expected[p].digest and (policy.sidecars or expected[p].section == PRIMARY)]
     return TransferPlan(
         direction=direction, subtree=subtree, copy=copy, link=link, delete=delete, expected=expected,
         reread=reread, bytes=sum(expected[p].size for p in copy), bootstrap=not dest_exists,
