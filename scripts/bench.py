@@ -626,13 +626,13 @@ def s6_child(entries: int) -> dict[str, Any]:
         if side == "remote" and i % 100 == 0:
             digest = digest[::-1]  # 1% of the files differ
         return [f"_derived/d{i // per_dir:04d}/part-{i:07d}.parquet", "_derived", 4096 + i % 7919,
-                1_700_000_000_000_000_000 + i, "file", digest, None]
+                1_700_000_000_000_000_000 + i, "file", digest]
 
     # Local: typed entries built from the fields, as a warm scan for usrsync.manifest.local_manifest
     # builds them. Remote: JSON chunks as the agent sends them, decoded into typed entries as
     # usrsync.protocol does, each chunk's entries equal to local ones then exchanged for those as
     # usrsync.session does.
-    primary = ["records.parquet", "primary", 4096, 1_700_000_000_000_000_000, "file", "0" * 32, None]
+    primary = ["records.parquet", "primary", 4096, 1_700_000_000_000_000_000, "file", "0" * 32]
     local_entries = list(itertools.starmap(Entry, itertools.chain((raw(i, "local") for i in range(entries)),
                                                                   [primary])))
     pool = EntryPool(local_entries)

@@ -19,7 +19,7 @@ import sys
 
 HEADER = struct.Struct(">IB")
 FLAG_ZLIB = 1
-EVIL_ENTRY = ["../evil", "_auxiliary", 1, 0, "file", "ab", None]
+EVIL_ENTRY = ["../evil", "_auxiliary", 1, 0, "file", "ab"]
 
 
 def send(out, body: bytes, flags: int = 0) -> None:

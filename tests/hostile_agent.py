@@ -52,7 +52,7 @@ def extra_entry(path: str) -> Answer:
     """The real manifest plus one entry naming `path` (sorted in, so only the path is wrong)."""
 
     def answer(agent: Any, rid: int, args: dict) -> None:
-        entries = _real_entries(args) + [[path, "_auxiliary", 4, 0, "file", "0" * 32, None]]
+        entries = _real_entries(args) + [[path, "_auxiliary", 4, 0, "file", "0" * 32]]
         _manifest(sorted(entries, key=lambda e: e[0]), rid, args, agent)
 
     return answer
@@ -114,7 +114,7 @@ def until_eof(agent: Any, rid: int = 0, args: dict | None = None) -> None:
 def endless_chunks(agent: Any, rid: int, args: dict) -> None:
     """Valid chunk frames, forever: only the end of the session stops us."""
     threading.Thread(target=until_eof, args=(agent,), daemon=True).start()
-    items = [[f"_derived/x/{i:06d}", "_derived", 1, 0, "file", "0" * 32, None] for i in range(5000)]
+    items = [[f"_derived/x/{i:06d}", "_derived", 1, 0, "file", "0" * 32] for i in range(5000)]
     body = zlib.compress(json.dumps({"id": rid, "type": "chunk", "items": items}).encode(), 1)
     frame = HEADER.pack(len(body), engine.FLAG_ZLIB) + body
     while True:

@@ -313,10 +313,10 @@ def test_manifest_entries(tmp_path: Path) -> None:
     os.symlink("records.parquet", tmp_path / "link")
     entries = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
     assert entries == [
-        [".events.log", ".events.log", 8, OLD * 10**9, "file", sha(files[".events.log"]), 2],
-        ["_derived/a", "_derived", 7, OLD * 10**9, "file", sha(b"derived"), None],
-        ["link", "_auxiliary", len("records.parquet"), (tmp_path / "link").lstat().st_mtime_ns, "symlink", "", None],
-        ["records.parquet", "primary", 4, OLD * 10**9, "file", sha(b"PAR1"), None],
+        [".events.log", ".events.log", 8, OLD * 10**9, "file", sha(files[".events.log"])],
+        ["_derived/a", "_derived", 7, OLD * 10**9, "file", sha(b"derived")],
+        ["link", "_auxiliary", len("records.parquet"), (tmp_path / "link").lstat().st_mtime_ns, "symlink", ""],
+        ["records.parquet", "primary", 4, OLD * 10**9, "file", sha(b"PAR1")],
     ]
 
 
@@ -502,7 +502,8 @@ def test_events_log_is_never_cached(tmp_path: Path) -> None:
     ds.manifest()
     assert ".events.log" not in ds.cached()
     entries = engine.build_manifest(str(ds.root), "sha256", cache_dir=str(ds.cache_dir))
-    assert entries[0][6] == 2  # lines counted on every scan
+    assert entries[0] == [".events.log", ".events.log", 4, OLD * 10**9, "file", sha(b"a\nb\n")]  # hashed again
+    assert ".events.log" not in ds.cached()
 
 
 @pytest.mark.parametrize("garbage", [
@@ -1613,8 +1614,8 @@ def test_serve_answers_calls_and_keeps_going_after_errors(tmp_path: Path) -> Non
         (2, "error", "unknown_call"), (3, "error", "bad_request"), (4, "chunk", None), (4, "result", None),
         (5, "error", "base_dir_missing"), (6, "error", "unsafe_dataset"),
     ]
-    assert frames[3]["items"] == [["_derived/a", "_derived", 1, OLD * 10**9, "file", sha(b"a"), None],
-                                  ["records.parquet", "primary", 4, OLD * 10**9, "file", sha(b"PAR1"), None]]
+    assert frames[3]["items"] == [["_derived/a", "_derived", 1, OLD * 10**9, "file", sha(b"a")],
+                                  ["records.parquet", "primary", 4, OLD * 10**9, "file", sha(b"PAR1")]]
     assert frames[4]["result"] == {"exists": True, "count": 2, "algo": "sha256", "root": str(tmp_path / "base/ds")}
 
 

@@ -42,7 +42,9 @@ def target(data: bytes) -> tuple[int, str]:
 
 
 def targets(p: TransferPlan) -> dict[str, tuple[int, str]]:
-    return {path: (e.size, e.digest) for path, e in p.expected.items()}
+    paths = [e.path for e in p.expected]
+    assert paths == sorted(set(paths)), "the staged tree is path-sorted, each path once"
+    return {e.path: (e.size, e.digest) for e in p.expected}
 
 
 def test_pull_lists() -> None:
@@ -107,7 +109,7 @@ def test_skip_snapshots_keeps_destination_snapshots() -> None:
     p = plan(local, manifest_of(REMOTE), "pull", Policy(skip_snapshots=True))
     assert "_snapshots/s2" not in p.copy
     assert "_snapshots/s1" in p.link and "_snapshots/s1" not in p.delete
-    assert set(p.expected) == (set(REMOTE) - {"_snapshots/s2"}) | {"_snapshots/s1"}
+    assert set(targets(p)) == (set(REMOTE) - {"_snapshots/s2"}) | {"_snapshots/s1"}
 
 
 def test_bootstrap_when_the_destination_does_not_exist() -> None:
@@ -382,9 +384,9 @@ def test_plan_stages_exactly_the_mirror(lfiles, changes, direction, primary_only
     # Exchanging live/<subtree> for the staged tree turns the destination into the mirror.
     assert {k: target(v) for k, v in dest.items() if not below(k)} | targets(p) == \
         {k: target(v) for k, v in staged.items()}
-    assert all(below(k) for k in p.expected)
+    assert all(below(k) for k in targets(p))
     assert set(p.copy).isdisjoint(p.link)
-    assert sorted(p.copy + p.link) == sorted(p.expected)
+    assert sorted(p.copy + p.link) == [e.path for e in p.expected]
     assert p.delete == sorted(k for k in dest if k in in_scope and k not in source)
     assert all(below(k) for k in p.delete)
     assert all(dest.get(k) != v for k, v in staged.items() if k in p.copy)

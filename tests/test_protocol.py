@@ -65,7 +65,7 @@ async def test_round_trip(value: Any, compress: bool, rid: int) -> None:
 
 
 async def test_round_trip_chunk_and_error_frames() -> None:
-    items = [["records.parquet", "primary", 3, 1, "file", "ab", None]] * 3
+    items = [["records.parquet", "primary", 3, 1, "file", "ab"]] * 3
     chunk = await decode(engine.encode_frame({"id": 7, "type": "chunk", "items": items}, compress=True))
     assert (chunk.id, chunk.type, chunk.items) == (7, "chunk", items)
     err = await decode(engine.encode_frame({"id": None, "type": "error",

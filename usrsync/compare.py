@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import operator
@@ -144,7 +145,7 @@ _BLOCK = 1024  # entries compared at once by the C-level list comparison
 
 def _files(entries: list[Entry]) -> tuple[list[Entry], list[str]]:
     """The file entries, and the paths of the others (symlinks, devices, bad names): usually none."""
-    if list(map(_kind, entries)).count(KIND_FILE) == len(entries):
+    if operator.countOf(map(_kind, entries), KIND_FILE) == len(entries):
         return entries, []
     return [e for e in entries if e.kind == KIND_FILE], [e.path for e in entries if e.kind != KIND_FILE]
 
@@ -172,19 +173,22 @@ def _same_paths(lfiles: list[Entry], rfiles: list[Entry], sections: dict[str, Se
     unequal = _unequal(lfiles, rfiles)
     if any(lfiles[i].path != rfiles[i].path for i in unequal):
         return False
-    differing = {lfiles[i].path for i in unequal if not _same(lfiles[i], rfiles[i], policy, primary_shapes)}
+    differing = [i for i in unequal if not _same(lfiles[i], rfiles[i], policy, primary_shapes)]
+    same = bytearray(b"\x01") * len(lfiles)  # a mask: 1 byte per file, not a second list of paths
+    for i in differing:
+        same[i] = 0
     # A section's paths form runs in sorted order (auxiliary ones may be split by the top-level
-    # files): each run is moved in one slice.
-    paths = list(map(_path, lfiles))
+    # files): each run's paths are taken in one C-level pass, straight into the section's list.
     start = 0
     for section, run in itertools.groupby(map(_section, lfiles)):
-        stop = start + len(list(run))
-        sections[section].same += paths[start:stop]
+        stop = start + operator.countOf(run, section)
+        delta = sections[section]
+        delta.same += itertools.compress(map(_path, itertools.islice(lfiles, start, stop)),
+                                         itertools.islice(same, start, stop))
+        delta.differing += [lfiles[i].path for i in differing[bisect.bisect_left(differing, start):
+                                                                bisect.bisect_left(differing, stop)]]
         start = stop
     for delta in sections.values():
-        if differing and any(p in differing for p in delta.same):
-            delta.differing = [p for p in delta.same if p in differing]
-            delta.same = [p for p in delta.same if p not in differing]
         delta.local_files = delta.remote_files = len(delta.same) + len(delta.differing)
     return True
 

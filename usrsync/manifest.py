@@ -38,7 +38,6 @@ class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     mtime_ns: int
     kind: Kind
     digest: str
-    lines: int | None = None
 
 
 class Manifest(msgspec.Struct):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 import operator
 import re
 from collections.abc import Callable, Iterable
@@ -59,8 +60,8 @@ class TransferPlan(msgspec.Struct, kw_only=True):
     copy: list[str]        # source paths whose bytes must move (all below subtree)
     link: list[str]        # destination files below subtree hard-linked into staging unchanged
     delete: list[str]      # destination paths that the source no longer has (all below subtree)
-    expected: dict[str, Entry]  # the staged subtree, exactly (live/<subtree> after promotion): each
-    # path's entry on the source, or on the destination for a section out of scope (kept as it is)
+    expected: list[Entry]  # the staged subtree, exactly (live/<subtree> after promotion), sorted by
+    # path: each file's entry on the source, or on the destination for a section out of scope (kept)
     reread: list[str]      # copied paths whose staged bytes are reread and hashed
     bytes: int
     bootstrap: bool
@@ -77,7 +78,7 @@ class TransferPlan(msgspec.Struct, kw_only=True):
 
     def expected_lists(self) -> dict[str, list]:
         """`expected` as the engine's verify_tree takes it: {path: [size, digest]}."""
-        return {p: [t.size, t.digest] for p, t in self.expected.items()}
+        return {e.path: [e.size, e.digest] for e in self.expected}
 
     def staged(self, path: str) -> str:
         """A path of this plan relative to the staged subtree (as rsync's file list wants it)."""
@@ -137,26 +138,48 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
     while True:
         prefix = subtree + "/" if subtree else ""
         link = [p for paths in unchanged for p in (paths if not prefix else _below(paths, prefix))]
-        # The staged tree: every source file of the sections in scope (kept, changed or new), and
-        # the destination's own files of the others (kept), read straight from the path-sorted
-        # lists: no dict of either manifest by path (at a million files, ~100 MB each). The entries
-        # themselves are the targets: no object of its own per file (32 bytes each).
-        expected = {e.path: e
-                    for files, scoped in ((source_files, True), (dest_files, False))
-                    for e in (files if not prefix else _below(files, prefix, key=_path))
-                    if in_scope[e.section] == scoped}
+        expected = staged_entries(source_files, dest_files, in_scope, prefix)
         # The staged tree is scanned like a dataset of its own, and a scan skips runtime names
         # (`.usr.lock`, `.usrsync*`) at the top: a directory holding one there cannot be the root.
-        if not prefix or all(classify(p[len(prefix):].partition("/")[0]) for p in expected):
+        if not prefix or all(classify(e.path[len(prefix):].partition("/")[0]) for e in expected):
             break
         subtree = subtree.rpartition("/")[0]
     link.sort()
-    reread = [p for p in copy if expected[p].digest and (policy.sidecars or expected[p].section == PRIMARY)]
+    copied = entries_of(copy, expected)
+    reread = [e.path for e in copied if e.digest and (policy.sidecars or e.section == PRIMARY)]
     return TransferPlan(
         direction=direction, subtree=subtree, copy=copy, link=link, delete=delete, expected=expected,
-        reread=reread, bytes=sum(expected[p].size for p in copy), bootstrap=not dest_exists,
+        reread=reread, bytes=sum(e.size for e in copied), bootstrap=not dest_exists,
         whole_dirs=whole_dirs(copy, link, cmp.specials, subtree),
     )
+
+
+def staged_entries(source_files: list[Entry], dest_files: list[Entry], in_scope: dict[str, bool],
+                   prefix: str) -> list[Entry]:
+    """The staged tree, path-sorted: every source file below `prefix` of the sections in scope
+    (kept, changed or new), and the destination's own files of the others (kept). Read straight
+    from the path-sorted lists; with every section in scope and the whole dataset staged, that is
+    the source's list itself (a million files: no second list, no dict by path)."""
+    source = source_files if not prefix else _below(source_files, prefix, key=_path)
+    if all(in_scope.values()):
+        return source
+    dest = dest_files if not prefix else _below(dest_files, prefix, key=_path)
+    # A path's section follows from the path, so the two parts never share one.
+    return list(heapq.merge([e for e in source if in_scope[e.section]],
+                            [e for e in dest if not in_scope[e.section]], key=_path))
+
+
+def entries_of(paths: list[str], entries: list[Entry]) -> list[Entry]:
+    """The entries of `paths` (sorted, each among the path-sorted `entries`), with a cursor: the
+    next path is usually the next entry (a first transfer copies them all), else a bisection."""
+    found = []
+    i = 0
+    for path in paths:
+        if i >= len(entries) or entries[i].path != path:
+            i = bisect.bisect_left(entries, path, lo=i, key=_path)
+        found.append(entries[i])
+        i += 1
+    return found
 
 
 def whole_dirs(copy: list[str], link: list[str], specials: list[str], subtree: str) -> list[str]:

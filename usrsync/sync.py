@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import secrets
 import threading
 import time
@@ -24,7 +25,7 @@ from remote_agent import usrsync_agent as engine
 from usrsync import audit, rsync
 from usrsync.compare import EventsLines, EventsState, Policy, compare, events_relation
 from usrsync.config import Remote
-from usrsync.dataset import EVENTS, SECTIONS, classify, local_dataset_dir
+from usrsync.dataset import EVENTS, SECTIONS, local_dataset_dir
 from usrsync.errors import (
     EXIT_INTERRUPTED,
     InterruptedByUser,
@@ -379,7 +380,7 @@ class Run:
         if lev is None and rev is None:
             return None
         if lev is not None and rev is not None and lev.digest == rev.digest and lev.size == rev.size:
-            lines = lev.lines or 0
+            lines = await asyncio.to_thread(_newline_count, self.local_dir / EVENTS) if lev.kind == KIND_FILE else 0
             return EventsState(relation="equal", local_lines=lines, remote_lines=lines, common_lines=lines,
                                local_past_common=0, remote_past_common=0)
         digests, partial = (await asyncio.to_thread(engine.line_digests, str(self.local_dir / EVENTS)))
@@ -638,7 +639,7 @@ def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: Trans
     source_outside, source_below = source.split(plan.prefix)
     if not same_files(dest_outside, source_outside, policy):
         return False
-    promoted = [(p, t.size, t.digest) for p, t in sorted(plan.expected.items()) if policy.in_scope(classify(p))]
+    promoted = [(e.path, e.size, e.digest) for e in plan.expected if policy.in_scope(e.section)]
     return promoted == files_of(source_below, policy)
 
 
@@ -684,6 +685,15 @@ def files_with_parents(entries: list[str]) -> list[str]:
 def below(path: str, subtree: str) -> str:
     """The directory `subtree` ("" = the dataset itself) of the dataset at `path`."""
     return f"{path}/{subtree}" if subtree else path
+
+
+def _newline_count(path: Path) -> int:
+    """The complete lines of a file (an equal .events.log on both sides: its line count for the audit)."""
+    count = 0
+    with os.fdopen(engine.open_nofollow(str(path)), "rb") as handle:
+        for block in iter(functools.partial(handle.read, 1 << 20), b""):
+            count += block.count(b"\n")
+    return count
 
 
 def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: str, subtree: str) -> VerifyReply:
