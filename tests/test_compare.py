@@ -34,16 +34,26 @@ SECTION_OF = {
 }
 
 
+def same_paths(cmp, section: str) -> list[str]:
+    """The section's paths on both sides that do not differ: compare only counts them."""
+    delta = cmp.sections[section]
+    local = {e.path for e in cmp.local_files if e.section == section}
+    remote = {e.path for e in cmp.remote_files if e.section == section}
+    same = sorted((local & remote) - set(delta.differing))
+    assert delta.same == len(same)
+    return same
+
+
 def buckets(cmp, section: str) -> dict[str, list[str]]:
     delta = cmp.sections[section]
-    return {b: getattr(delta, b) for b in BUCKETS}
+    return {b: same_paths(cmp, section) if b == "same" else getattr(delta, b) for b in BUCKETS}
 
 
 def test_every_section_classifies_its_paths() -> None:
     files = {p: p.encode() for p in SECTION_OF}
     cmp = compare(manifest_of(files), manifest_of(files), Policy())
     for path, section in SECTION_OF.items():
-        assert path in cmp.sections[section].same, path
+        assert path in same_paths(cmp, section), path
     assert {s: cmp.sections[s].local_files for s in SECTIONS} == {
         PRIMARY: 1, META: 1, EVENTS: 1, SNAPSHOTS: 1, DERIVED: 2, AUXILIARY: 5,
     }
@@ -71,13 +81,13 @@ def test_same_size_different_digest_is_differing() -> None:
     cmp = compare(local, remote, Policy())
     assert cmp.sections[PRIMARY].differing == ["records.parquet"]
     assert cmp.sections[AUXILIARY].differing == ["notes.txt"]
-    assert cmp.sections[META].same == ["meta.md"]
+    assert same_paths(cmp, META) == ["meta.md"]
 
 
 def test_mtime_alone_is_not_a_change_under_hashes() -> None:
     local = manifest_of({"_derived/a": b"x"}, mtime_ns=OLD_MTIME_NS)
     remote = manifest_of({"_derived/a": b"x"}, mtime_ns=OLD_MTIME_NS + 10**9)
-    assert compare(local, remote, Policy()).sections[DERIVED].same == ["_derived/a"]
+    assert same_paths(compare(local, remote, Policy()), DERIVED) == ["_derived/a"]
 
 
 def test_content_hashes_off_compares_derived_and_auxiliary_by_size_and_mtime() -> None:
@@ -96,7 +106,7 @@ def test_content_hashes_off_compares_derived_and_auxiliary_by_size_and_mtime() -
         manifest_entry("records.parquet", b"BBBB"),  # the primary is still compared by content
     ])
     cmp = compare(local, remote, policy)
-    assert cmp.sections[DERIVED].same == ["_derived/same"]
+    assert same_paths(cmp, DERIVED) == ["_derived/same"]
     assert cmp.sections[DERIVED].differing == ["_derived/touched"]
     assert cmp.sections[AUXILIARY].differing == ["notes.txt"]
     assert cmp.sections[PRIMARY].differing == ["records.parquet"]
@@ -112,7 +122,7 @@ def test_verify_size_compares_the_primary_by_size_only() -> None:
     policy = Policy(verify="size")
     assert PRIMARY not in policy.hashed_sections()
     same = compare(manifest_of({"records.parquet": b"AAAA"}), manifest_of({"records.parquet": b"BBBB"}), policy)
-    assert same.sections[PRIMARY].same == ["records.parquet"]
+    assert same_paths(same, PRIMARY) == ["records.parquet"]
     grown = compare(manifest_of({"records.parquet": b"AAAA"}), manifest_of({"records.parquet": b"AAAAA"}), policy)
     assert grown.sections[PRIMARY].differing == ["records.parquet"]
     # Sidecars keep their content comparison under --verify size.
@@ -123,7 +133,7 @@ def test_verify_size_compares_the_primary_by_size_only() -> None:
 def test_verify_parquet_compares_shapes_when_known() -> None:
     local, remote = manifest_of({"records.parquet": b"AAAA"}), manifest_of({"records.parquet": b"BBBB"})
     policy = Policy(verify="parquet")
-    assert compare(local, remote, policy, primary_shapes=([10, 3], [10, 3])).sections[PRIMARY].same == [
+    assert same_paths(compare(local, remote, policy, primary_shapes=([10, 3], [10, 3])), PRIMARY) == [
         "records.parquet"]
     assert compare(local, remote, policy, primary_shapes=([10, 3], [11, 3])).sections[PRIMARY].differing == [
         "records.parquet"]
@@ -258,15 +268,14 @@ def test_every_path_in_exactly_one_bucket(lfiles, rfiles, policy) -> None:
     cmp = compare(build(lfiles, policy), build(rfiles, policy), policy)
     placed: dict[str, str] = {}
     for section, delta in cmp.sections.items():
-        for bucket in BUCKETS:
-            paths = getattr(delta, bucket)
+        for bucket, paths in buckets(cmp, section).items():
             assert paths == sorted(paths)
             for path in paths:
                 assert path not in placed, f"{path} in {placed[path]} and {bucket}"
                 assert classify(path) == section
                 placed[path] = bucket
-        assert delta.local_files == len(delta.local_only) + len(delta.differing) + len(delta.same)
-        assert delta.remote_files == len(delta.remote_only) + len(delta.differing) + len(delta.same)
+        assert delta.local_files == len(delta.local_only) + len(delta.differing) + delta.same
+        assert delta.remote_files == len(delta.remote_only) + len(delta.differing) + delta.same
     assert set(placed) == set(lfiles) | set(rfiles)
     for path, bucket in placed.items():
         if path not in rfiles:
@@ -284,6 +293,7 @@ def test_swapping_sides_swaps_local_and_remote(lfiles, rfiles, policy) -> None:
     backward = compare(build(rfiles, policy), build(lfiles, policy), policy)
     for section in SECTIONS:
         f, b = forward.sections[section], backward.sections[section]
+        assert same_paths(forward, section) == same_paths(backward, section)
         assert (f.local_only, f.remote_only) == (b.remote_only, b.local_only)
         assert (f.differing, f.same) == (b.differing, b.same)
         assert (f.local_files, f.remote_files) == (b.remote_files, b.local_files)

@@ -11,7 +11,7 @@ from usrsync.compare import EventsState, Policy, compare
 from usrsync.dataset import classify
 from usrsync.errors import EXIT_REFUSED, EXIT_USAGE, RefusedError, UsrError
 from usrsync.manifest import Manifest
-from usrsync.plan import MaxDelete, TransferPlan, parse_max_delete, plan_transfer
+from usrsync.plan import MaxDelete, TransferPlan, entries_of, parse_max_delete, plan_transfer, top_names
 
 ALL = MaxDelete(percent=100.0)
 
@@ -432,3 +432,27 @@ def test_the_promoted_directory_itself_is_never_whole() -> None:
     edited["_derived/ns/sub/b"] = b"changed"
     p = plan(manifest_of(base), manifest_of(edited), "pull")
     assert p.whole_dirs == ["_derived/ns/sub"]
+
+
+# Names that sort around "/" ('.' just before it, '0' just after) and around each other.
+tree_names = st.sampled_from(["a", "a.b", "a0", "a-", "b", "ab", "é", ".usr.lock"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.lists(tree_names, min_size=1, max_size=4).map("/".join), max_size=30),
+       st.sampled_from(["", "a/", "a/b/"]))
+def test_top_names_are_the_distinct_first_components(paths: set[str], prefix: str) -> None:
+    """Bisecting past each directory finds what a step per entry finds."""
+    paths = {prefix + p for p in paths if not any(q.startswith(p + "/") for q in paths)}  # a name is a file or a dir
+    entries = manifest_of({p: b"x" for p in paths}).entries
+    names = list(top_names(entries, len(prefix)))
+    assert names == sorted(set(names), key=names.index)  # each once
+    assert set(names) == {p[len(prefix):].partition("/")[0] for p in paths}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.lists(tree_names, min_size=1, max_size=3).map("/".join), min_size=1, max_size=20), st.data())
+def test_entries_of_finds_each_path_with_or_without_the_cursor(paths: set[str], data: st.DataObject) -> None:
+    entries = manifest_of({p: p.encode() for p in paths}).entries
+    wanted = sorted(data.draw(st.sets(st.sampled_from(sorted(paths)))))
+    assert [e.path for e in entries_of(wanted, entries)] == wanted

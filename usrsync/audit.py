@@ -18,7 +18,7 @@ import platformdirs
 from usrsync import __version__
 from usrsync.compare import Comparison, EventsState, Policy
 from usrsync.dataset import AUXILIARY, DERIVED, EVENTS, META, PRIMARY, SNAPSHOTS, section_relative
-from usrsync.manifest import Entry
+from usrsync.manifest import Entry, entry_path, prefix_bounds
 
 OUTPUT_VERSION = 1
 Action = Literal["diff", "pull", "push"]
@@ -206,7 +206,8 @@ def fill_sections(data: AuditData, cmp: Comparison, primary_shapes: tuple | None
     data.events = _events_report(cmp, cmp.events, not s[EVENTS].in_scope)
 
     snap = s[SNAPSHOTS]
-    newest_local = max(snap.same + snap.differing + snap.local_only, default="")  # every local snapshot
+    lo, hi = prefix_bounds(cmp.local_files, SNAPSHOTS + "/", key=entry_path)
+    newest_local = max((e.path for e in cmp.local_files[lo:hi] if e.section == SNAPSHOTS), default="")
     data.snapshots = SnapshotsReport(
         changed=snap.changed and snap.in_scope, skipped=not snap.in_scope,
         remote_count=snap.remote_files, local_count=snap.local_files,

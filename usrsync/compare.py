@@ -11,7 +11,7 @@ from typing import Literal
 import msgspec
 
 from usrsync.dataset import AUXILIARY, DERIVED, PRIMARY, SECTIONS, SNAPSHOTS
-from usrsync.manifest import KIND_FILE, Entry, Manifest, find
+from usrsync.manifest import KIND_FILE, Entry, Manifest, entry_path, find
 
 VerifyMode = Literal["hash", "size", "parquet"]
 Relation = Literal["equal", "local_ahead", "remote_ahead", "diverged"]
@@ -81,7 +81,9 @@ def events_relation(local: EventsLines, remote: EventsLines) -> EventsState:
 
 
 class SectionDelta(msgspec.Struct, kw_only=True):
-    """Paths (dataset-relative) of one section, sorted."""
+    """Paths (dataset-relative) of one section that differ, sorted. The files the same on both
+    sides are only counted: at a million files their paths would be a list of their own (8 MB),
+    and the plan reads them from the manifests' lists (see usrsync.plan)."""
 
     section: str
     local_files: int = 0
@@ -89,7 +91,7 @@ class SectionDelta(msgspec.Struct, kw_only=True):
     local_only: list[str] = []
     remote_only: list[str] = []
     differing: list[str] = []
-    same: list[str] = []
+    same: int = 0
     in_scope: bool = True
 
     @property
@@ -109,11 +111,11 @@ class Comparison(msgspec.Struct, kw_only=True, dict=True):
     # By path, built on first use: planning looks up most files, a diff only the few `find` serves.
     @functools.cached_property
     def local(self) -> dict[str, Entry]:
-        return dict(zip(map(_path, self.local_files), self.local_files))
+        return dict(zip(map(entry_path, self.local_files), self.local_files))
 
     @functools.cached_property
     def remote(self) -> dict[str, Entry]:
-        return dict(zip(map(_path, self.remote_files), self.remote_files))
+        return dict(zip(map(entry_path, self.remote_files), self.remote_files))
 
     def find(self, side: Literal["local", "remote"], path: str) -> Entry | None:
         return find(self.local_files if side == "local" else self.remote_files, path)
@@ -137,7 +139,6 @@ def _same(a: Entry, b: Entry, policy: Policy, primary_shapes: tuple | None) -> b
     return a.size == b.size and a.digest == b.digest
 
 
-_path = operator.attrgetter("path")
 _section = operator.attrgetter("section")
 _kind = operator.attrgetter("kind")
 _BLOCK = 1024  # entries compared at once by the C-level list comparison
@@ -174,22 +175,17 @@ def _same_paths(lfiles: list[Entry], rfiles: list[Entry], sections: dict[str, Se
     if any(lfiles[i].path != rfiles[i].path for i in unequal):
         return False
     differing = [i for i in unequal if not _same(lfiles[i], rfiles[i], policy, primary_shapes)]
-    same = bytearray(b"\x01") * len(lfiles)  # a mask: 1 byte per file, not a second list of paths
-    for i in differing:
-        same[i] = 0
     # A section's paths form runs in sorted order (auxiliary ones may be split by the top-level
-    # files): each run's paths are taken in one C-level pass, straight into the section's list.
+    # files): each run is counted at C speed, and its differing paths found by bisection.
     start = 0
     for section, run in itertools.groupby(map(_section, lfiles)):
         stop = start + operator.countOf(run, section)
         delta = sections[section]
-        delta.same += itertools.compress(map(_path, itertools.islice(lfiles, start, stop)),
-                                         itertools.islice(same, start, stop))
-        delta.differing += [lfiles[i].path for i in differing[bisect.bisect_left(differing, start):
-                                                                bisect.bisect_left(differing, stop)]]
+        changed = differing[bisect.bisect_left(differing, start):bisect.bisect_left(differing, stop)]
+        delta.differing += [lfiles[i].path for i in changed]
+        delta.same += stop - start - len(changed)
+        delta.local_files = delta.remote_files = delta.same + len(delta.differing)
         start = stop
-    for delta in sections.values():
-        delta.local_files = delta.remote_files = len(delta.same) + len(delta.differing)
     return True
 
 
@@ -216,7 +212,10 @@ def _merge(lfiles: list[Entry], rfiles: list[Entry], sections: dict[str, Section
             delta = sections[a.section]
             delta.local_files += 1
             delta.remote_files += 1
-            (delta.same if _same(a, b, policy, primary_shapes) else delta.differing).append(a.path)
+            if _same(a, b, policy, primary_shapes):
+                delta.same += 1
+            else:
+                delta.differing.append(a.path)
             i += 1
             j += 1
 

@@ -19,7 +19,7 @@ from usrsync.dataset import SECTIONS, classify, unsafe_path_reason
 from usrsync.errors import ProtocolError
 
 KIND_FILE = engine.KIND_FILE
-_path = operator.attrgetter("path")
+entry_path = operator.attrgetter("path")  # the sort key of every entry list
 # Hashing progress: (files, bytes) hashed so far of (total_files, total_bytes) to hash.
 HashProgress = Callable[[int, int, int, int], None]
 
@@ -56,7 +56,7 @@ class Manifest(msgspec.Struct):
         """(entries outside, entries below) a directory given as "dir/" ("" = all below)."""
         if not prefix:
             return [], self.entries
-        lo, hi = prefix_bounds(self.entries, prefix, key=_path)
+        lo, hi = prefix_bounds(self.entries, prefix, key=entry_path)
         return self.entries[:lo] + self.entries[hi:], self.entries[lo:hi]
 
 
@@ -86,7 +86,7 @@ class EntryPool:
             return decoded
         i = self._cursor
         if i >= len(mine) or mine[i].path != decoded[0].path:
-            i = bisect.bisect_left(mine, decoded[0].path, key=_path)
+            i = bisect.bisect_left(mine, decoded[0].path, key=entry_path)
         same = mine[i:i + len(decoded)]
         if same == decoded:
             self._cursor = i + len(decoded)
@@ -106,7 +106,7 @@ class EntryPool:
 
 def find(entries: list[Entry], path: str) -> Entry | None:
     """The entry of `path` among path-sorted entries, by bisection: no dict of them all, no pass over them."""
-    i = bisect.bisect_left(entries, path, key=_path)
+    i = bisect.bisect_left(entries, path, key=entry_path)
     return entries[i] if i < len(entries) and entries[i].path == path else None
 
 

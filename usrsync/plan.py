@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import operator
+import itertools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import msgspec
@@ -14,10 +14,9 @@ import msgspec
 from usrsync.compare import Comparison, Policy
 from usrsync.dataset import EVENTS, PRIMARY, classify
 from usrsync.errors import RefusedError, UsrError
-from usrsync.manifest import Entry, prefix_bounds
+from usrsync.manifest import Entry, entry_path, prefix_bounds
 
 Direction = Literal["pull", "push"]
-_path = operator.attrgetter("path")
 
 
 class MaxDelete(msgspec.Struct, frozen=True):
@@ -104,24 +103,13 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
 
     copy: list[str] = []
     delete: list[str] = []
-    unchanged: list[list[str]] = []  # sorted path lists of the destination files kept as they are
-    before: list[list[str]] = []  # sorted path lists: the destination's files now
-    after: list[list[str]] = []  # and after the transfer
     in_scope_dest = 0
     for delta in cmp.sections.values():
-        source_only = delta.remote_only if pull else delta.local_only
-        dest_only = delta.local_only if pull else delta.remote_only
-        before += [delta.same, delta.differing, dest_only]
         if not delta.in_scope:
-            kept = sorted(set(delta.same) | set(delta.differing) | set(dest_only))
-            unchanged.append(kept)
-            after.append(kept)
-            continue
+            continue  # the destination's files of it are kept as they are
         in_scope_dest += delta.local_files if pull else delta.remote_files
-        copy += source_only + delta.differing
-        delete += dest_only
-        unchanged.append(delta.same)
-        after += [delta.same, delta.differing, source_only]
+        copy += (delta.remote_only if pull else delta.local_only) + delta.differing
+        delete += delta.local_only if pull else delta.remote_only
 
     if delete and max_delete.exceeded(len(delete), in_scope_dest):
         raise RefusedError(
@@ -132,19 +120,24 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         )
     copy.sort()
     delete.sort()
-    subtree = promotion_root(copy, delete, before, after) if dest_exists else ""
     source_files, dest_files = (cmp.remote_files, cmp.local_files) if pull else (cmp.local_files, cmp.remote_files)
     in_scope = {section: delta.in_scope for section, delta in cmp.sections.items()}
+    # The destination's files now, and after the transfer (the staged tree of the whole dataset).
+    subtree = promotion_root(copy, delete, dest_files, staged_entries(source_files, dest_files, in_scope, "")) \
+        if dest_exists else ""
+    # Kept: the destination's files that are neither copied over nor deleted (every one of a
+    # section out of scope). Straight from its path-sorted list: no list per section to merge.
+    replaced = set(copy).union(delete)
     while True:
         prefix = subtree + "/" if subtree else ""
-        link = [p for paths in unchanged for p in (paths if not prefix else _below(paths, prefix))]
         expected = staged_entries(source_files, dest_files, in_scope, prefix)
         # The staged tree is scanned like a dataset of its own, and a scan skips runtime names
         # (`.usr.lock`, `.usrsync*`) at the top: a directory holding one there cannot be the root.
-        if not prefix or all(classify(e.path[len(prefix):].partition("/")[0]) for e in expected):
+        if not prefix or all(map(classify, top_names(expected, len(prefix)))):
             break
         subtree = subtree.rpartition("/")[0]
-    link.sort()
+    lo, hi = prefix_bounds(dest_files, prefix, key=entry_path) if prefix else (0, len(dest_files))
+    link = list(itertools.filterfalse(replaced.__contains__, map(entry_path, itertools.islice(dest_files, lo, hi))))
     copied = entries_of(copy, expected)
     reread = [e.path for e in copied if e.digest and (policy.sidecars or e.section == PRIMARY)]
     return TransferPlan(
@@ -160,13 +153,26 @@ def staged_entries(source_files: list[Entry], dest_files: list[Entry], in_scope:
     (kept, changed or new), and the destination's own files of the others (kept). Read straight
     from the path-sorted lists; with every section in scope and the whole dataset staged, that is
     the source's list itself (a million files: no second list, no dict by path)."""
-    source = source_files if not prefix else _below(source_files, prefix, key=_path)
+    source = source_files if not prefix else _below(source_files, prefix, key=entry_path)
     if all(in_scope.values()):
         return source
-    dest = dest_files if not prefix else _below(dest_files, prefix, key=_path)
+    dest = dest_files if not prefix else _below(dest_files, prefix, key=entry_path)
     # A path's section follows from the path, so the two parts never share one.
     return list(heapq.merge([e for e in source if in_scope[e.section]],
-                            [e for e in dest if not in_scope[e.section]], key=_path))
+                            [e for e in dest if not in_scope[e.section]], key=entry_path))
+
+
+def top_names(entries: list[Entry], cut: int) -> Iterator[str]:
+    """The distinct first components of the path-sorted entries' paths past their first `cut`
+    characters (a prefix they share): one step per file there and one bisection per directory,
+    not a step per entry (a million files in a thousand directories: a thousand steps)."""
+    i = 0
+    while i < len(entries):
+        path = entries[i].path
+        name, slash, _ = path[cut:].partition("/")
+        yield name
+        # The paths below "name/" are the run before "name0" ('0' follows '/').
+        i = bisect.bisect_left(entries, path[:cut] + name + "0", lo=i + 1, key=entry_path) if slash else i + 1
 
 
 def entries_of(paths: list[str], entries: list[Entry]) -> list[Entry]:
@@ -176,7 +182,7 @@ def entries_of(paths: list[str], entries: list[Entry]) -> list[Entry]:
     i = 0
     for path in paths:
         if i >= len(entries) or entries[i].path != path:
-            i = bisect.bisect_left(entries, path, lo=i, key=_path)
+            i = bisect.bisect_left(entries, path, lo=i, key=entry_path)
         found.append(entries[i])
         i += 1
     return found
@@ -199,11 +205,11 @@ def _below(items: list, prefix: str, key: Callable | None = None) -> list:
     return items[lo:hi]
 
 
-def promotion_root(copy: list[str], delete: list[str], before: list[list[str]], after: list[list[str]]) -> str:
+def promotion_root(copy: list[str], delete: list[str], before: list[Entry], after: list[Entry]) -> str:
     """The directory that one atomic exchange must replace to apply every change ("" = the dataset).
 
-    `copy` and `delete` are sorted; `before` and `after` are sorted path lists of the destination's
-    files now and after the transfer. The answer is the deepest directory with every changed file
+    `copy` and `delete` are sorted; `before` and `after` are the destination's files now and after
+    the transfer, sorted by path. The answer is the deepest directory with every changed file
     below it that exists as a directory both before (the exchange needs it) and after (a directory
     that vanishes, or appears, is itself a change, so its parent must be exchanged).
     """
@@ -222,15 +228,11 @@ def promotion_root(copy: list[str], delete: list[str], before: list[list[str]], 
     return directory
 
 
-def _holds_a_file(sorted_lists: Iterable[list[str]], directory: str) -> bool:
-    """Whether some path below `directory` is in one of the lists (a bisection each: the paths
-    with one prefix are contiguous; an unsorted list can only make this say no, never a false yes)."""
-    prefix = directory + "/"
-    for paths in sorted_lists:
-        i = bisect.bisect_left(paths, prefix)
-        if i < len(paths) and paths[i].startswith(prefix):
-            return True
-    return False
+def _holds_a_file(files: list[Entry], directory: str) -> bool:
+    """Whether some file of the path-sorted `files` is below `directory` (one bisection: the paths
+    with one prefix are contiguous)."""
+    lo, hi = prefix_bounds(files, directory + "/", key=entry_path)
+    return hi > lo
 
 
 def _check_events(cmp: Comparison, direction: Direction, policy: Policy) -> None:
