@@ -519,6 +519,10 @@ def test_primary_only_moves_records_parquet_alone(sides: Sides, tmp_path: Path) 
     assert audit["primary"]["changed"] is True
     for section in ("meta", ".events.log", "_snapshots", "_derived", "_auxiliary"):
         assert audit[section] == {**audit[section], "skipped": True, "changed": False}, section
+    # A skipped section is still reported as it stands: the remote log is one line ahead.
+    lines = EVENTS.count(b"\n")
+    assert audit[".events.log"] == {**audit[".events.log"], "local": lines, "remote": lines + 1, "common": lines,
+                                    "relation": "remote_ahead", "remote_past_common": 1}
     assert audit["post"] == {**audit["post"], "verified": True, "in_sync": True}
     after = tree_state(sides.local)
     assert after["records.parquet"][0] == b"PAR1-more-rows"

@@ -228,12 +228,8 @@ def fill_sections(data: AuditData, cmp: Comparison, primary_shapes: tuple | None
 
 def _events_report(cmp: Comparison, state: EventsState | None, skipped: bool) -> EventsReport:
     delta = cmp.sections[EVENTS]
-    if state is None:
-        local = _entry_attr(cmp.find("local", EVENTS), "lines") or 0
-        remote = _entry_attr(cmp.find("remote", EVENTS), "lines") or 0
-        return EventsReport(changed=delta.changed and not skipped, local=local, remote=remote,
-                            common=min(local, remote), skipped=skipped,
-                            relation="equal" if not delta.changed else "unknown")
+    if state is None:  # no .events.log on either side
+        return EventsReport(changed=False, local=0, remote=0, common=0, skipped=skipped, relation="equal")
     return EventsReport(
         changed=delta.changed and not skipped, local=state.local_lines, remote=state.remote_lines,
         relation=state.relation, common=state.common_lines, local_past_common=state.local_past_common,
