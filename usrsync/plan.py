@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import heapq
 import itertools
 import re
 from collections.abc import Callable, Iterator
@@ -103,6 +102,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
 
     copy: list[str] = []
     delete: list[str] = []
+    rewritten: list[str] = []  # the destination files that copies replace
     in_scope_dest = 0
     for delta in cmp.sections.values():
         if not delta.in_scope:
@@ -110,6 +110,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         in_scope_dest += delta.local_files if pull else delta.remote_files
         copy += (delta.remote_only if pull else delta.local_only) + delta.differing
         delete += delta.local_only if pull else delta.remote_only
+        rewritten += delta.differing
 
     if delete and max_delete.exceeded(len(delete), in_scope_dest):
         raise RefusedError(
@@ -125,9 +126,9 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
     # The destination's files now, and after the transfer (the staged tree of the whole dataset).
     subtree = promotion_root(copy, delete, dest_files, staged_entries(source_files, dest_files, in_scope, "")) \
         if dest_exists else ""
-    # Kept: the destination's files that are neither copied over nor deleted (every one of a
+    # Kept: the destination's files that are neither rewritten nor deleted (every one of a
     # section out of scope). Straight from its path-sorted list: no list per section to merge.
-    replaced = set(copy).union(delete)
+    replaced = set(rewritten).union(delete)
     while True:
         prefix = subtree + "/" if subtree else ""
         expected = staged_entries(source_files, dest_files, in_scope, prefix)
@@ -157,9 +158,10 @@ def staged_entries(source_files: list[Entry], dest_files: list[Entry], in_scope:
     if all(in_scope.values()):
         return source
     dest = dest_files if not prefix else _below(dest_files, prefix, key=entry_path)
-    # A path's section follows from the path, so the two parts never share one.
-    return list(heapq.merge([e for e in source if in_scope[e.section]],
-                            [e for e in dest if not in_scope[e.section]], key=entry_path))
+    # A path's section follows from the path, so the two parts never share one. Two sorted runs:
+    # the sort merges them at C speed.
+    return sorted([e for e in source if in_scope[e.section]] + [e for e in dest if not in_scope[e.section]],
+                  key=entry_path)
 
 
 def top_names(entries: list[Entry], cut: int) -> Iterator[str]:
