@@ -725,8 +725,8 @@ def test_in_sync_after_promotion_is_the_filtered_comparison(dest: dict, source: 
 
     prefix = subtree + "/" if subtree else ""
     expected = [entry(p, d) for p, (d, _) in sorted(staged.items()) if p.startswith(prefix)]
-    plan = TransferPlan(direction="pull", subtree=subtree, copy=[], link=[], delete=[], expected=expected, reread=[],
-                        bytes=0, bootstrap=False)
+    plan = TransferPlan(direction="pull", subtree=subtree, copy=[], delete=[], dest_files=[], replaced=set(), linked=0,
+                        expected=expected, reread=[], bytes=0, bootstrap=False)
     for dest_files in (dest, source):  # the second: outside the subtree nothing differs
         args = (manifest(dest_files), manifest(source), plan, policy)
         assert sync_mod.in_sync_after_promotion(*args) == after_promotion_by_filtering(*args)

@@ -50,7 +50,7 @@ def targets(p: TransferPlan) -> dict[str, tuple[int, str]]:
 def test_pull_lists() -> None:
     p = plan(manifest_of(LOCAL), manifest_of(REMOTE), "pull")
     assert p.copy == ["_derived/ns/b", "_snapshots/s2", "records.parquet"]
-    assert p.link == ["_derived/ns/a", "meta.md"]
+    assert p.link() == ["_derived/ns/a", "meta.md"]
     assert p.delete == ["notes.txt"]
     assert targets(p) == {path: target(data) for path, data in REMOTE.items()}
     assert p.reread == p.copy
@@ -61,7 +61,7 @@ def test_pull_lists() -> None:
 def test_push_mirrors_pull() -> None:
     p = plan(manifest_of(LOCAL), manifest_of(REMOTE), "push")
     assert p.copy == ["notes.txt", "records.parquet"]
-    assert p.link == ["_derived/ns/a", "meta.md"]
+    assert p.link() == ["_derived/ns/a", "meta.md"]
     assert p.delete == ["_derived/ns/b", "_snapshots/s2"]
     assert targets(p) == {path: target(data) for path, data in LOCAL.items()}
     assert p.bytes == len(LOCAL["notes.txt"]) + len(LOCAL["records.parquet"])
@@ -70,7 +70,7 @@ def test_push_mirrors_pull() -> None:
 def test_in_sync_is_noop() -> None:
     p = plan(manifest_of(REMOTE), manifest_of(REMOTE), "pull")
     assert (p.noop, p.copy, p.delete, p.reread, p.bytes) == (True, [], [], [], 0)
-    assert p.link == sorted(REMOTE)
+    assert p.link() == sorted(REMOTE)
 
 
 def test_reread_without_sidecar_verification_is_the_primary_only() -> None:
@@ -99,7 +99,7 @@ def test_out_of_scope_sections_are_kept_from_the_destination(direction: str) -> 
     assert p.delete == []
     dest_files = LOCAL if direction == "pull" else REMOTE
     source_files = REMOTE if direction == "pull" else LOCAL
-    assert p.link == sorted(path for path in dest_files if path != "records.parquet")
+    assert p.link() == sorted(path for path in dest_files if path != "records.parquet")
     assert targets(p) == {**{path: target(data) for path, data in dest_files.items()},
                           "records.parquet": target(source_files["records.parquet"])}
 
@@ -108,7 +108,7 @@ def test_skip_snapshots_keeps_destination_snapshots() -> None:
     local = manifest_of({**LOCAL, "_snapshots/s1": b"local snap"})
     p = plan(local, manifest_of(REMOTE), "pull", Policy(skip_snapshots=True))
     assert "_snapshots/s2" not in p.copy
-    assert "_snapshots/s1" in p.link and "_snapshots/s1" not in p.delete
+    assert "_snapshots/s1" in p.link() and "_snapshots/s1" not in p.delete
     assert set(targets(p)) == (set(REMOTE) - {"_snapshots/s2"}) | {"_snapshots/s1"}
 
 
@@ -116,7 +116,7 @@ def test_bootstrap_when_the_destination_does_not_exist() -> None:
     p = plan(manifest_of({}, exists=False), manifest_of(REMOTE), "pull")
     assert p.bootstrap is True
     assert p.copy == sorted(REMOTE)
-    assert (p.link, p.delete) == ([], [])
+    assert (p.link(), p.delete) == ([], [])
     # Bootstrap may even create a dataset without a primary (nothing to lose on the destination).
     p = plan(manifest_of({}, exists=False), manifest_of({"meta.md": b"m"}), "pull")
     assert (p.bootstrap, p.copy) == (True, ["meta.md"])
@@ -276,7 +276,7 @@ def test_events_out_of_scope_is_not_checked() -> None:
     p = plan(manifest_of(LOG_LOCAL), manifest_of(LOG_REMOTE), "pull", Policy(primary_only=True),
              events=events("diverged", 3, 4, 1))
     assert p.copy == []
-    assert ".events.log" in p.link
+    assert ".events.log" in p.link()
 
 
 # --- the promotion root -----------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_promotion_root(direction: str, changes: dict[str, bytes | None], subtre
     # Only the promotion root is staged: its unchanged files are linked, the rest stays untouched.
     assert p.copy == sorted(k for k, v in edited.items() if TREE.get(k) != v)
     assert p.delete == sorted(set(TREE) - set(edited))
-    assert p.link == sorted(k for k, v in edited.items() if TREE.get(k) == v and k.startswith(prefix))
+    assert p.link() == sorted(k for k, v in edited.items() if TREE.get(k) == v and k.startswith(prefix))
     assert targets(p) == {k: target(v) for k, v in edited.items() if k.startswith(prefix)}
     assert p.reread == p.copy
     assert [p.staged(k) for k in p.copy] == [k.removeprefix(prefix) for k in p.copy]
@@ -326,12 +326,12 @@ def test_no_promotion_root_holds_a_runtime_name_at_its_top(name: str, subtree: s
     local = TREE | {name: b"kept"}
     p = plan(manifest_of(local), manifest_of(local | {"_derived/d1/f0": b"new"}), "pull")
     assert (p.subtree, p.copy) == (subtree, ["_derived/d1/f0"])
-    assert name in p.link
+    assert name in p.link()
 
 
 def test_first_pull_promotes_the_whole_dataset() -> None:
     p = plan(manifest_of({}, exists=False), manifest_of(TREE), "pull")
-    assert (p.subtree, p.copy, p.link, p.staged("_derived/d1/f0")) == ("", sorted(TREE), [], "_derived/d1/f0")
+    assert (p.subtree, p.copy, p.link(), p.staged("_derived/d1/f0")) == ("", sorted(TREE), [], "_derived/d1/f0")
 
 
 def test_out_of_scope_files_below_the_root_are_linked_from_the_destination() -> None:
@@ -339,11 +339,11 @@ def test_out_of_scope_files_below_the_root_are_linked_from_the_destination() -> 
     local = TREE | {"_snapshots/a/s1": b"local", "_snapshots/a/s2": b"same"}
     remote = TREE | {"_snapshots/a/s1": b"remote", "_snapshots/a/s2": b"same", "_derived/d1/f0": b"new"}
     p = plan(manifest_of(local), manifest_of(remote), "pull", Policy(skip_snapshots=True))
-    assert (p.subtree, p.copy, p.link) == ("_derived/d1", ["_derived/d1/f0"], D1[1:])
+    assert (p.subtree, p.copy, p.link()) == ("_derived/d1", ["_derived/d1/f0"], D1[1:])
     p = plan(manifest_of(local), manifest_of(remote | {"meta.md": b"# m2\n"}), "pull", Policy(skip_snapshots=True))
     assert p.subtree == ""
     assert targets(p)["_snapshots/a/s1"] == target(b"local")
-    assert "_snapshots/a/s1" in p.link
+    assert "_snapshots/a/s1" in p.link()
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -385,12 +385,13 @@ def test_plan_stages_exactly_the_mirror(lfiles, changes, direction, primary_only
     assert {k: target(v) for k, v in dest.items() if not below(k)} | targets(p) == \
         {k: target(v) for k, v in staged.items()}
     assert all(below(k) for k in targets(p))
-    assert set(p.copy).isdisjoint(p.link)
-    assert sorted(p.copy + p.link) == [e.path for e in p.expected]
+    assert set(p.copy).isdisjoint(p.link())
+    assert p.linked == len(p.link()) and p.link() == sorted(p.link())
+    assert sorted(p.copy + p.link()) == [e.path for e in p.expected]
     assert p.delete == sorted(k for k in dest if k in in_scope and k not in source)
     assert all(below(k) for k in p.delete)
     assert all(dest.get(k) != v for k, v in staged.items() if k in p.copy)
-    assert all(dest[k] == v for k, v in staged.items() if k in p.link)
+    assert all(dest[k] == v for k, v in staged.items() if k in p.link())
     assert p.noop == (staged == dest)
     assert set(p.reread) <= set(p.copy)
     # The promotion root is a directory before and after, and no deeper one holding every change is.
@@ -419,7 +420,7 @@ def test_a_directory_with_a_kept_file_or_a_special_is_not_whole() -> None:
     remote_manifest = manifest_of(remote)
     remote_manifest.entries = sorted(remote_manifest.entries + link, key=lambda e: e.path)
     p = plan(local_manifest, remote_manifest, "pull")
-    assert "_derived/ns/a" in p.link  # kept: its directory is not whole, though b and c are copied
+    assert "_derived/ns/a" in p.link()  # kept: its directory is not whole, though b and c are copied
     assert p.whole_dirs == ["_derived/other", "_snapshots"]
 
 

@@ -219,7 +219,7 @@ class Run:
             return 0
         plan = plan_transfer(cmp, self.action, policy, self.options.max_delete)
         self.data.transfer = audit.TransferReport(files=len(plan.copy), bytes=plan.bytes, deleted=len(plan.delete),
-                                                  linked=len(plan.link), subtree=None if plan.noop else plan.subtree)
+                                                  linked=plan.linked, subtree=None if plan.noop else plan.subtree)
         if plan.noop:
             self.data.transfer_state = "NO-OP"
             self.data.post = audit.PostReport(verified=True, in_sync=True)
@@ -547,7 +547,7 @@ class Run:
     async def _pull(self, plan: TransferPlan, policy: Policy, local: Manifest, remote: Manifest) -> None:
         assert self.session is not None
         root = str(self.root)
-        staged = await asyncio.to_thread(engine.stage, root, self.dataset, self.txid, plan.link, plan.subtree)
+        staged = await asyncio.to_thread(engine.stage, root, self.dataset, self.txid, plan.link(), plan.subtree)
         staging = staged["staging"]
         live = self.local_dir / plan.subtree  # the directory staging mirrors and replaces
         promoted = False
@@ -580,7 +580,7 @@ class Run:
     async def _push(self, plan: TransferPlan, policy: Policy, local: Manifest, remote: Manifest) -> None:
         session = self.session
         assert session is not None
-        staged = await session.stage(self.dataset, self.txid, plan.link, plan.subtree)
+        staged = await session.stage(self.dataset, self.txid, plan.link(), plan.subtree)
         promoted = False
         try:
             engine.checkpoint("after-stage")
@@ -649,7 +649,7 @@ def linked_digests(plan: TransferPlan, staged: VerifyReply, dest_before: Manifes
     manifest that planned the link, while its inode (as staged) still has that size and mtime."""
     before = {e.path: e for e in dest_before.split(plan.prefix)[1]}
     trusted = {}
-    for path in plan.link:
+    for path in plan.kept():
         entry, stat = before.get(path), staged.stats.get(path)
         if entry is not None and stat is not None and entry.digest and stat[1:3] == (entry.size, entry.mtime_ns):
             trusted[path] = [stat[0], entry.size, entry.mtime_ns, entry.digest]
