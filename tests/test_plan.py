@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from usrsync.compare import EventsState, Policy, compare
 from usrsync.dataset import classify
 from usrsync.errors import EXIT_REFUSED, EXIT_USAGE, RefusedError, UsrError
-from usrsync.manifest import Manifest
+from usrsync.manifest import Manifest, entry_path, prefix_bounds
 from usrsync.plan import MaxDelete, TransferPlan, entries_of, parse_max_delete, plan_transfer, top_names
 
 ALL = MaxDelete(percent=100.0)
@@ -42,9 +42,9 @@ def target(data: bytes) -> tuple[int, str]:
 
 
 def targets(p: TransferPlan) -> dict[str, tuple[int, str]]:
-    paths = [e.path for e in p.expected]
+    paths = [e.path for e in p.expected()]
     assert paths == sorted(set(paths)), "the staged tree is path-sorted, each path once"
-    return {e.path: (e.size, e.digest) for e in p.expected}
+    return {e.path: (e.size, e.digest) for e in p.expected()}
 
 
 def test_pull_lists() -> None:
@@ -387,7 +387,7 @@ def test_plan_stages_exactly_the_mirror(lfiles, changes, direction, primary_only
     assert all(below(k) for k in targets(p))
     assert set(p.copy).isdisjoint(p.link())
     assert p.linked == len(p.link()) and p.link() == sorted(p.link())
-    assert sorted(p.copy + p.link()) == [e.path for e in p.expected]
+    assert sorted(p.copy + p.link()) == [e.path for e in p.expected()]
     assert p.delete == sorted(k for k in dest if k in in_scope and k not in source)
     assert all(below(k) for k in p.delete)
     assert all(dest.get(k) != v for k, v in staged.items() if k in p.copy)
@@ -445,8 +445,12 @@ tree_names = st.sampled_from(["a", "a.b", "a0", "a-", "b", "ab", "é", ".usr.loc
 def test_top_names_are_the_distinct_first_components(paths: set[str], prefix: str) -> None:
     """Bisecting past each directory finds what a step per entry finds."""
     paths = {prefix + p for p in paths if not any(q.startswith(p + "/") for q in paths)}  # a name is a file or a dir
-    entries = manifest_of({p: b"x" for p in paths}).entries
-    names = list(top_names(entries, len(prefix)))
+    # Around the prefix, not below it.
+    others = {p for p in ("0", "a.b/x", "a/b0", "a/b.c", "b/x", "z") if prefix and not p.startswith(prefix)}
+    others = {p for p in others if not any(q.startswith(p + "/") or p.startswith(q + "/") for q in paths)}
+    entries = manifest_of({p: b"x" for p in paths | others}).entries
+    lo, hi = prefix_bounds(entries, prefix, key=entry_path) if prefix else (0, len(entries))
+    names = list(top_names(entries, len(prefix), lo, hi))
     assert names == sorted(set(names), key=names.index)  # each once
     assert set(names) == {p[len(prefix):].partition("/")[0] for p in paths}
 

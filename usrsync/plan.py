@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import msgspec
@@ -49,19 +49,23 @@ class TransferPlan(msgspec.Struct, kw_only=True):
     """What a pull or push does. Every path is dataset-relative, `subtree` included.
 
     Only the promotion root `subtree` is staged and exchanged: staging mirrors `live/<subtree>`,
-    so `link()`, `expected` and `reread` cover the files below it (a staged path is a path here
+    so `link()`, `expected()` and `reread` cover the files below it (a staged path is a path here
     minus the `subtree/` prefix: see `staged`). Files outside it are not touched at all.
+
+    The destination's files now and after the transfer are held as the path-sorted lists the
+    manifests already have (with every section in scope, `after` is the source's own list), and
+    what is staged or kept is read from them below the subtree: at a million files, no second
+    list of either (8 MB each) is held through the transfer and its verification.
     """
 
     direction: Direction
     subtree: str           # the promotion root ("" = the whole dataset): see promotion_root()
     copy: list[str]        # source paths whose bytes must move (all below subtree)
     delete: list[str]      # destination paths that the source no longer has (all below subtree)
-    dest_files: list[Entry]  # the destination's files, path-sorted: the kept ones are read from it
-    replaced: set[str]     # destination paths below subtree that copies rewrite, and `delete`
+    before: list[Entry]    # the destination's files now, path-sorted
+    after: list[Entry]     # and once promoted: the source's in the sections in scope, its own in the others
+    replaced: set[str]     # destination paths that copies rewrite, and `delete` (all below subtree)
     linked: int            # how many files link() gives
-    expected: list[Entry]  # the staged subtree, exactly (live/<subtree> after promotion), sorted by
-    # path: each file's entry on the source, or on the destination for a section out of scope (kept)
     reread: list[str]      # copied paths whose staged bytes are reread and hashed
     bytes: int
     bootstrap: bool
@@ -76,21 +80,25 @@ class TransferPlan(msgspec.Struct, kw_only=True):
         """What every path below the subtree starts with ("" for the whole dataset)."""
         return self.subtree + "/" if self.subtree else ""
 
-    def link(self) -> list[str]:
-        """The destination's files below subtree hard-linked into staging unchanged (every one of
-        a section out of scope), path-sorted: its list's stretch below the subtree minus the
-        replaced paths. Made when staging asks, not held through the run (8 MB a million files)."""
-        return list(self.kept())
+    def expected(self) -> Iterator[Entry]:
+        """The staged tree, exactly (live/<subtree> after promotion), in path order."""
+        return self._below(self.after)
 
     def kept(self) -> Iterator[str]:
-        lo, hi = prefix_bounds(self.dest_files, self.prefix, key=entry_path) if self.subtree \
-            else (0, len(self.dest_files))
-        return itertools.filterfalse(self.replaced.__contains__,
-                                     map(entry_path, itertools.islice(self.dest_files, lo, hi)))
+        """The destination's files below the subtree that stay as they are (every one of a section
+        out of scope), in path order: hard-linked into staging."""
+        return itertools.filterfalse(self.replaced.__contains__, map(entry_path, self._below(self.before)))
+
+    def link(self) -> list[str]:
+        return list(self.kept())
+
+    def _below(self, files: list[Entry]) -> Iterator[Entry]:
+        lo, hi = prefix_bounds(files, self.prefix, key=entry_path) if self.subtree else (0, len(files))
+        return itertools.islice(files, lo, hi)
 
     def expected_lists(self) -> dict[str, list]:
-        """`expected` as the engine's verify_tree takes it: {path: [size, digest]}."""
-        return {e.path: [e.size, e.digest] for e in self.expected}
+        """`expected()` as the engine's verify_tree takes it: {path: [size, digest]}."""
+        return {e.path: [e.size, e.digest] for e in self.expected()}
 
     def staged(self, path: str) -> str:
         """A path of this plan relative to the staged subtree (as rsync's file list wants it)."""
@@ -136,60 +144,53 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
     copy.sort()
     delete.sort()
     source_files, dest_files = (cmp.remote_files, cmp.local_files) if pull else (cmp.local_files, cmp.remote_files)
-    in_scope = {section: delta.in_scope for section, delta in cmp.sections.items()}
-    # The destination's files now, and after the transfer (the staged tree of the whole dataset).
-    subtree = promotion_root(copy, delete, dest_files, staged_entries(source_files, dest_files, in_scope, "")) \
-        if dest_exists else ""
-    # Kept: the destination's files that are neither rewritten nor deleted (every one of a
-    # section out of scope). Straight from its path-sorted list: no list per section to merge.
-    replaced = set(rewritten).union(delete)
-    while True:
-        prefix = subtree + "/" if subtree else ""
-        expected = staged_entries(source_files, dest_files, in_scope, prefix)
-        # The staged tree is scanned like a dataset of its own, and a scan skips runtime names
-        # (`.usr.lock`, `.usrsync*`) at the top: a directory holding one there cannot be the root.
-        if not prefix or all(map(classify, top_names(expected, len(prefix)))):
+    after = files_after(source_files, dest_files, {section: delta.in_scope for section, delta in cmp.sections.items()})
+    subtree = promotion_root(copy, delete, dest_files, after) if dest_exists else ""
+    # The staged tree is scanned like a dataset of its own, and a scan skips runtime names
+    # (`.usr.lock`, `.usrsync*`) at the top: a directory holding one there cannot be the root.
+    while subtree:
+        lo, hi = prefix_bounds(after, subtree + "/", key=entry_path)
+        if all(map(classify, top_names(after, len(subtree) + 1, lo, hi))):
             break
         subtree = subtree.rpartition("/")[0]
-    lo, hi = prefix_bounds(dest_files, prefix, key=entry_path) if prefix else (0, len(dest_files))
-    copied = entries_of(copy, expected)
+    lo, hi = prefix_bounds(dest_files, subtree + "/", key=entry_path) if subtree else (0, len(dest_files))
+    replaced = set(rewritten).union(delete)
+    copied = entries_of(copy, after)
     reread = [e.path for e in copied if e.digest and (policy.sidecars or e.section == PRIMARY)]
     plan = TransferPlan(
-        direction=direction, subtree=subtree, copy=copy, delete=delete, dest_files=dest_files, replaced=replaced,
-        linked=hi - lo - len(replaced),  # every replaced path is a destination file below the subtree
-        expected=expected, reread=reread, bytes=sum(e.size for e in copied), bootstrap=not dest_exists,
+        direction=direction, subtree=subtree, copy=copy, delete=delete, before=dest_files, after=after,
+        replaced=replaced, linked=hi - lo - len(replaced),  # every replaced path is a destination file below it
+        reread=reread, bytes=sum(e.size for e in copied), bootstrap=not dest_exists,
     )
     plan.whole_dirs = whole_dirs(copy, plan.kept(), cmp.specials, subtree)
     return plan
 
 
-def staged_entries(source_files: list[Entry], dest_files: list[Entry], in_scope: dict[str, bool],
-                   prefix: str) -> list[Entry]:
-    """The staged tree, path-sorted: every source file below `prefix` of the sections in scope
-    (kept, changed or new), and the destination's own files of the others (kept). Read straight
-    from the path-sorted lists; with every section in scope and the whole dataset staged, that is
-    the source's list itself (a million files: no second list, no dict by path)."""
-    source = source_files if not prefix else _below(source_files, prefix, key=entry_path)
+def files_after(source_files: list[Entry], dest_files: list[Entry], in_scope: dict[str, bool]) -> list[Entry]:
+    """The destination's files once a transfer is promoted, path-sorted: the source's of the
+    sections in scope (kept, changed or new) and its own of the others (kept). With every section
+    in scope, that is the source's list itself."""
     if all(in_scope.values()):
-        return source
-    dest = dest_files if not prefix else _below(dest_files, prefix, key=entry_path)
+        return source_files
     # A path's section follows from the path, so the two parts never share one. Two sorted runs:
     # the sort merges them at C speed.
-    return sorted([e for e in source if in_scope[e.section]] + [e for e in dest if not in_scope[e.section]],
+    return sorted([e for e in source_files if in_scope[e.section]] + [e for e in dest_files if not in_scope[e.section]],
                   key=entry_path)
 
 
-def top_names(entries: list[Entry], cut: int) -> Iterator[str]:
-    """The distinct first components of the path-sorted entries' paths past their first `cut`
-    characters (a prefix they share): one step per file there and one bisection per directory,
-    not a step per entry (a million files in a thousand directories: a thousand steps)."""
-    i = 0
-    while i < len(entries):
+def top_names(entries: list[Entry], cut: int, lo: int = 0, hi: int | None = None) -> Iterator[str]:
+    """The distinct first components of the path-sorted entries' paths (those of entries[lo:hi])
+    past their first `cut` characters (a prefix they share): one step per file there and one
+    bisection per directory, not a step per entry (a million files in a thousand directories:
+    a thousand steps)."""
+    hi = len(entries) if hi is None else hi
+    i = lo
+    while i < hi:
         path = entries[i].path
         name, slash, _ = path[cut:].partition("/")
         yield name
         # The paths below "name/" are the run before "name0" ('0' follows '/').
-        i = bisect.bisect_left(entries, path[:cut] + name + "0", lo=i + 1, key=entry_path) if slash else i + 1
+        i = bisect.bisect_left(entries, path[:cut] + name + "0", lo=i + 1, hi=hi, key=entry_path) if slash else i + 1
 
 
 def entries_of(paths: list[str], entries: list[Entry]) -> list[Entry]:
@@ -215,11 +216,6 @@ def whole_dirs(copy: list[str], link: Iterable[str], specials: list[str], subtre
     inside = subtree + "/" if subtree else ""
     return sorted(d for d in {p.rpartition("/")[0] for p in copy}
                   if d.startswith(inside) and len(d) > len(inside) and d not in held)
-
-
-def _below(items: list, prefix: str, key: Callable | None = None) -> list:
-    lo, hi = prefix_bounds(items, prefix, key)
-    return items[lo:hi]
 
 
 def promotion_root(copy: list[str], delete: list[str], before: list[Entry], after: list[Entry]) -> str:

@@ -635,12 +635,12 @@ def same_files(a: list[Entry], b: list[Entry], policy: Policy | None = None) -> 
 def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: TransferPlan, policy: Policy) -> bool:
     """Whether the destination's in-scope files equal the source's once `plan` is promoted and its
     directory checked: outside the subtree as its manifest showed them (rescanned right before the
-    exchange, which touches nothing else), below it exactly `plan.expected`."""
+    exchange, which touches nothing else), below it exactly `plan.expected()`."""
     dest_outside, _ = dest_before.split(plan.prefix)
     source_outside, source_below = source.split(plan.prefix)
     if not same_files(dest_outside, source_outside, policy):
         return False
-    promoted = [(e.path, e.size, e.digest) for e in plan.expected if policy.in_scope(e.section)]
+    promoted = [(e.path, e.size, e.digest) for e in plan.expected() if policy.in_scope(e.section)]
     return promoted == files_of(source_below, policy)
 
 
