@@ -1134,7 +1134,13 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def expected_of(files: dict[str, bytes]) -> dict[str, list]:
-    return {p: [len(d), sha(d)] for p, d in files.items()}
+    """verify_tree's `expected` columns for a tree of these files."""
+    return columns({p: [len(d), sha(d)] for p, d in files.items()})
+
+
+def columns(by_path: dict[str, list]) -> dict[str, list]:
+    paths = sorted(by_path)
+    return {"paths": paths, "sizes": [by_path[p][0] for p in paths], "digests": [by_path[p][1] for p in paths]}
 
 
 def staged(base: Path, link: list[str]) -> Path:
@@ -1167,7 +1173,7 @@ def test_stage_links_a_non_file_as_itself_and_verification_rejects_it(base: Path
     make(base / DATASET / "evil")
     staging = staged(base, ["evil"])
     assert (staging / "evil").lstat().st_ino == (base / DATASET / "evil").lstat().st_ino
-    result = engine.verify_tree(str(staging), {"evil": [11, sha(b"root:x:0:0")]}, ["evil"], "sha256")
+    result = engine.verify_tree(str(staging), columns({"evil": [11, sha(b"root:x:0:0")]}), ["evil"], "sha256")
     assert (result["problems"], result["checked"]) == ([["evil", f"not a regular file ({kind})"]], 0)
 
 
@@ -1182,12 +1188,17 @@ def test_verify_accepts_the_exact_tree(base: Path) -> None:
     assert result["problems"] == []
     assert (result["checked"], result["bytes"]) == (2, len(OLD_TREE["records.parquet"]) + 1)
     stats = {rel: (root / rel).stat() for rel in OLD_TREE}
-    assert result["stats"] == {rel: (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in stats.items()}
+    tree = engine.VerifiedTree(expected_of(OLD_TREE), result["stats"])
+    assert len(result["stats"]) == len(OLD_TREE) * engine.TREE_STAT.size
+    assert {rel: tree.get(rel) for rel in OLD_TREE} == \
+        {rel: (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in stats.items()}
+    assert {rel: tree.get(rel) for rel in reversed(OLD_TREE)} == {rel: tree.get(rel) for rel in OLD_TREE}  # any order
+    assert (tree.get("not/expected"), tree.digest("records.parquet")) == (None, sha(OLD_TREE["records.parquet"]))
 
 
 def test_verify_reports_every_kind_of_problem(base: Path) -> None:
     root = base / DATASET
-    expected = expected_of(OLD_TREE) | {"missing": [1, sha(b"m")]}
+    expected = columns({p: [len(d), sha(d)] for p, d in OLD_TREE.items()} | {"missing": [1, sha(b"m")]})
     write(root, {"records.parquet": b"PAR1-OLD", "meta.md": b"# m, longer\n", "unexpected": b"?"})
     (root / "notes/x").unlink()
     os.symlink("/etc/passwd", root / "notes/x")
@@ -1321,7 +1332,7 @@ def test_a_symlink_on_the_way_to_the_subtree_is_never_followed(base: Path, tmp_p
             engine.promote(str(base), DATASET, TXID, subtree=SUB)
         else:
             engine.Agent(io.BytesIO()).call_verify({"base_dir": str(base), "dataset": DATASET, "txid": TXID,
-                                                     "expected": {}, "algo": "sha256", "subtree": SUB})
+                                                     "expected": columns({}), "algo": "sha256", "subtree": SUB})
     assert info.value.filename == str(base / DATASET / "_derived")
     assert tree(elsewhere) == {"ns/a": b"aaaa"}
     assert not (base / ".usrsync" / "journal").exists() or os.listdir(base / ".usrsync" / "journal") == []
@@ -1330,11 +1341,14 @@ def test_a_symlink_on_the_way_to_the_subtree_is_never_followed(base: Path, tmp_p
 def test_verify_of_a_subtree_speaks_dataset_relative_paths(base: Path) -> None:
     staging = staged_subtree(base)
     expected = {f"{SUB}/{k}": [len(v), sha(v)] for k, v in NEW_SUB.items()}
-    result = engine.verify_tree(str(staging), expected, [f"{SUB}/b"], "sha256", SUB)
+    result = engine.verify_tree(str(staging), columns(expected), [f"{SUB}/b"], "sha256", SUB)
     assert (result["problems"], result["checked"], result["bytes"]) == ([], 1, 4)
-    assert sorted(result["stats"]) == [f"{SUB}/a", f"{SUB}/b"]
+    tree = engine.VerifiedTree(columns(expected), result["stats"])
+    assert tree.get(f"{SUB}/b") == (os.lstat(staging / "b").st_ino, 4, *[getattr(os.lstat(staging / "b"), f)
+                                                                          for f in ("st_mtime_ns", "st_ctime_ns")])
     write(staging, {"b": b"BBBB", "c": b"?"})
-    result = engine.verify_tree(str(staging), {**expected, f"{SUB}/d": [1, sha(b"d")]}, [f"{SUB}/b"], "sha256", SUB)
+    result = engine.verify_tree(str(staging), columns({**expected, f"{SUB}/d": [1, sha(b"d")]}), [f"{SUB}/b"],
+                                "sha256", SUB)
     assert result["problems"] == [[f"{SUB}/b", "content differs from the source manifest"],
                                   [f"{SUB}/c", "unexpected file"], [f"{SUB}/d", "missing"]]
 

@@ -219,7 +219,7 @@ def test_the_agent_loads_a_dataset_hash_cache_once_per_session(tmp_path: Path, m
     told = "f" * 64
     agent.handle({"id": 2, "call": "manifest",
                   "args": {**args, "trusted": {"records.parquet": [st.st_ino, 4, st.st_mtime_ns, told]}}})
-    expected = {"records.parquet": [4, sha(b"PAR1")], "_derived/a": [1, sha(b"a")]}
+    expected = {"paths": ["_derived/a", "records.parquet"], "sizes": [1, 4], "digests": [sha(b"a"), sha(b"PAR1")]}
     agent.handle({"id": 3, "call": "verify", "args": {**args, "txid": "t", "subtree": "", "staging": False,
                                                        "expected": expected, "reread": ["_derived/a"],
                                                        "remember": True}})
@@ -255,7 +255,7 @@ def test_a_rescan_with_trusted_digests_leaves_the_cache_file_to_verify_s_remembe
     assert agent.hash_caches[(str(base / "ds"), "sha256")].dirty  # the trusted digest was put
     assert writes == [True]  # but not written
     os.unlink(tmp_path / "staged")  # staging removed: the ctime moves again
-    expected = {"records.parquet": [4, sha(b"PAR1")], "_derived/a": [1, sha(b"a")]}
+    expected = {"paths": ["_derived/a", "records.parquet"], "sizes": [1, 4], "digests": [sha(b"a"), sha(b"PAR1")]}
     agent.handle({"id": 3, "call": "verify", "args": {**args, "txid": "t", "subtree": "", "staging": False,
                                                        "expected": expected, "reread": [], "remember": True}})
     assert writes == [True, True]

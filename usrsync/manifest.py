@@ -60,6 +60,18 @@ class Manifest(msgspec.Struct):
         return self.entries[:lo] + self.entries[hi:], self.entries[lo:hi]
 
 
+class ExpectedTree(msgspec.Struct):
+    """A tree as the engine's verify_tree checks it (and the agent's verify call receives it):
+    its files' paths, sorted, with their sizes and digests, as columns."""
+
+    paths: list[str]
+    sizes: list[int]
+    digests: list[str]
+
+    def columns(self) -> dict[str, list]:
+        return msgspec.structs.asdict(self)
+
+
 def prefix_bounds(items: list, prefix: str, key: Callable | None = None) -> tuple[int, int]:
     """Where the paths below a directory "dir/" are in a path-sorted list: they sit between
     "dir/" and "dir0" ('0' follows '/'), two bisections. `key`: an item's path."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 import re
 from collections.abc import Iterable, Iterator
 from typing import Literal
@@ -13,9 +14,11 @@ import msgspec
 from usrsync.compare import Comparison, Policy
 from usrsync.dataset import EVENTS, PRIMARY, classify
 from usrsync.errors import RefusedError, UsrError
-from usrsync.manifest import Entry, entry_path, prefix_bounds
+from usrsync.manifest import Entry, ExpectedTree, entry_path, prefix_bounds
 
 Direction = Literal["pull", "push"]
+_size = operator.attrgetter("size")
+_digest = operator.attrgetter("digest")
 
 
 class MaxDelete(msgspec.Struct, frozen=True):
@@ -84,9 +87,13 @@ class TransferPlan(msgspec.Struct, kw_only=True):
         """The staged tree, exactly (live/<subtree> after promotion), in path order."""
         return self._below(self.after)
 
-    def kept(self) -> Iterator[str]:
+    def kept_entries(self) -> Iterator[Entry]:
         """The destination's files below the subtree that stay as they are (every one of a section
         out of scope), in path order: hard-linked into staging."""
+        return (e for e in self._below(self.before) if e.path not in self.replaced)
+
+    def kept(self) -> Iterator[str]:
+        """The paths of kept_entries()."""
         return itertools.filterfalse(self.replaced.__contains__, map(entry_path, self._below(self.before)))
 
     def link(self) -> list[str]:
@@ -96,9 +103,10 @@ class TransferPlan(msgspec.Struct, kw_only=True):
         lo, hi = prefix_bounds(files, self.prefix, key=entry_path) if self.subtree else (0, len(files))
         return itertools.islice(files, lo, hi)
 
-    def expected_lists(self) -> dict[str, list]:
-        """`expected()` as the engine's verify_tree takes it: {path: [size, digest]}."""
-        return {e.path: [e.size, e.digest] for e in self.expected()}
+    def expected_tree(self) -> ExpectedTree:
+        """`expected()` as verify_tree checks it: three columns, no object per file."""
+        return ExpectedTree(paths=list(map(entry_path, self.expected())), sizes=list(map(_size, self.expected())),
+                            digests=list(map(_digest, self.expected())))
 
     def staged(self, path: str) -> str:
         """A path of this plan relative to the staged subtree (as rsync's file list wants it)."""

@@ -17,7 +17,7 @@ from usrsync import manifest_copy
 from usrsync.compare import EventsLines
 from usrsync.config import Remote
 from usrsync.errors import ConfigError, LockedError, ProtocolError, RemoteError
-from usrsync.manifest import Entry, EntryPool, HashProgress, Manifest, validate_remote_entries
+from usrsync.manifest import Entry, EntryPool, ExpectedTree, HashProgress, Manifest, validate_remote_entries
 from usrsync.protocol import AgentCallError, AgentClient, await_sentinel
 from usrsync.transport import transport_for
 from usrsync.transport.base import Transport
@@ -74,11 +74,14 @@ class StageReply(msgspec.Struct):
     linked: int
 
 
+PackedStats = bytes  # a name of its own: VerifyReply's field `bytes` shadows the type in its annotations
+
+
 class VerifyReply(msgspec.Struct):
     problems: list[tuple[str, str]]
     checked: int
     bytes: int
-    stats: dict[str, tuple[int, int, int, int]]  # relpath -> (inode, size, mtime_ns, ctime_ns)
+    stats: PackedStats  # each expected file's packed (inode, mtime_ns, ctime_ns): read through engine.VerifiedTree
 
 
 class PromoteReply(msgspec.Struct):
@@ -258,7 +261,7 @@ class RemoteSession:
         reply, _ = await self.client.call("stage", args, StageReply)
         return reply
 
-    async def verify(self, dataset: str, txid: str, *, expected: dict[str, Any], reread: list[str], algo: str,
+    async def verify(self, dataset: str, txid: str, *, expected: ExpectedTree, reread: list[str], algo: str,
                      staging: bool, subtree: str, remember: bool = False) -> VerifyReply:
         """Check staging, or the live directory `subtree`, against `expected` (dataset-relative paths).
         `remember` (live only): the agent puts in its hash cache the digests of the files it reread

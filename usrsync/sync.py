@@ -36,7 +36,7 @@ from usrsync.errors import (
     VerificationError,
 )
 from usrsync.locks import acquire_local_lock
-from usrsync.manifest import KIND_FILE, Entry, HashProgress, Manifest, local_manifest
+from usrsync.manifest import KIND_FILE, Entry, ExpectedTree, HashProgress, Manifest, local_manifest
 from usrsync.manifest import cached_algo as manifest_cached_algo
 from usrsync.plan import MaxDelete, TransferPlan, plan_transfer
 from usrsync.protocol import AgentCallError
@@ -510,8 +510,8 @@ class Run:
                                                 hash_sections=policy.hashed_sections(), trusted=trusted,
                                                 save_cache=save_cache)
 
-    async def _check_before_promotion(self, policy: Policy, plan: TransferPlan, verifying: Awaitable[VerifyReply],
-                                      where: str, source: tuple[str, Manifest],
+    async def _check_before_promotion(self, policy: Policy, plan: TransferPlan, expected: ExpectedTree,
+                                      verifying: Awaitable[VerifyReply], where: str, source: tuple[str, Manifest],
                                       dest: tuple[str, Manifest]) -> tuple[VerifyReply, dict[str, list]]:
         """Verify the staged copy and scan both sides again, then refuse to promote when any of it
         fails: a source that changed while we copied it may have given a torn snapshot, and a
@@ -528,7 +528,7 @@ class Run:
             # Staging linked these files, which changed their ctime and so their hash cache key.
             # The keys put now go stale again when staging goes: after promotion, verify's remember
             # (push) or the end of the run (pull) saves the cache.
-            linked.update(linked_digests(plan, result, dest_before))
+            linked.update(linked_digests(plan, engine.VerifiedTree(expected.columns(), result.stats)))
             return result, await self._changed_since(policy, dest_side, dest_before, linked, save_cache=False)
 
         (result, dest_now), source_now = await asyncio.gather(
@@ -558,9 +558,10 @@ class Run:
                 basis = str(live) if live.is_dir() else None
                 await self._rsync(plan, self.session.transport.rsync_endpoint(source + "/"), staging + "/", basis)
             engine.checkpoint("after-rsync")
-            expected = plan.expected_lists()
+            expected = plan.expected_tree()
             result, linked = await self._check_before_promotion(
-                policy, plan, asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree),
+                policy, plan, expected,
+                asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree),
                 "the staged copy", ("remote", remote), ("local", local))
             method = await asyncio.to_thread(promote_local, self.root, self.dataset, self.txid, self.options.wait,
                                              plan.subtree)
@@ -570,9 +571,10 @@ class Run:
             check = await asyncio.to_thread(verify_local, str(live), expected, [], self.algo, plan.subtree)
             self._post(policy, plan, local, remote, result, check.problems)
             if self.options.use_cache:  # the staged inodes are live now: the next scan need not read them
-                proven = {**linked, **engine.reread_digests(result.stats, expected, plan.reread)}
-                await asyncio.to_thread(lambda: engine.remember_digests(self._hash_cache(self.algo), proven,
-                                                                        check.stats))
+                proven = {**linked, **engine.reread_digests(engine.VerifiedTree(expected.columns(), result.stats),
+                                                            plan.reread)}
+                await asyncio.to_thread(lambda: engine.remember_digests(
+                    self._hash_cache(self.algo), proven, engine.VerifiedTree(expected.columns(), check.stats)))
         finally:
             if not promoted:
                 await asyncio.to_thread(engine.remove_tree, staging)
@@ -590,9 +592,9 @@ class Run:
                                   session.transport.rsync_endpoint(staged.staging + "/"),
                                   live if remote.exists else None)
             engine.checkpoint("after-rsync")
-            expected = plan.expected_lists()
+            expected = plan.expected_tree()
             await self._check_before_promotion(
-                policy, plan, session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
+                policy, plan, expected, session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                        algo=self.algo, staging=True, subtree=plan.subtree),
                 "the remote staged copy", ("local", local), ("remote", remote))
             method = await session.promote(self.dataset, self.txid, wait=self.options.wait, subtree=plan.subtree)
@@ -644,15 +646,14 @@ def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: Trans
     return promoted == files_of(source_below, policy)
 
 
-def linked_digests(plan: TransferPlan, staged: VerifyReply, dest_before: Manifest) -> dict[str, list]:
+def linked_digests(plan: TransferPlan, staged: engine.VerifiedTree) -> dict[str, list]:
     """build_manifest's `trusted` for the files staging hard-linked: each one's digest from the
     manifest that planned the link, while its inode (as staged) still has that size and mtime."""
-    before = {e.path: e for e in dest_before.split(plan.prefix)[1]}
     trusted = {}
-    for path in plan.kept():
-        entry, stat = before.get(path), staged.stats.get(path)
-        if entry is not None and stat is not None and entry.digest and stat[1:3] == (entry.size, entry.mtime_ns):
-            trusted[path] = [stat[0], entry.size, entry.mtime_ns, entry.digest]
+    for entry in plan.kept_entries():
+        stat = staged.get(entry.path)
+        if stat is not None and entry.digest and stat[1:3] == (entry.size, entry.mtime_ns):
+            trusted[entry.path] = [stat[0], entry.size, entry.mtime_ns, entry.digest]
     return trusted
 
 
@@ -697,8 +698,8 @@ def _newline_count(path: Path) -> int:
     return count
 
 
-def verify_local(root: str, expected: dict[str, list], reread: list[str], algo: str, subtree: str) -> VerifyReply:
-    return msgspec.convert(engine.verify_tree(root, expected, reread, algo, subtree), VerifyReply)
+def verify_local(root: str, expected: ExpectedTree, reread: list[str], algo: str, subtree: str) -> VerifyReply:
+    return msgspec.convert(engine.verify_tree(root, expected.columns(), reread, algo, subtree), VerifyReply)
 
 
 def promote_local(root: Path, dataset: str, txid: str, wait: float, subtree: str) -> str:
