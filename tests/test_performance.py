@@ -695,12 +695,11 @@ split_paths = st.sets(st.lists(st.sampled_from(SPLIT_NAMES), min_size=1, max_siz
 
 @settings(max_examples=300, deadline=None)
 @given(split_paths, st.lists(st.sampled_from(SPLIT_NAMES), max_size=2).map("/".join))
-def test_split_is_filtering_by_prefix(paths: set, directory: str) -> None:
+def test_outside_and_below_are_filtering_by_prefix(paths: set, directory: str) -> None:
     files = Manifest(exists=True, algo="sha256", entries=[entry(p, b"x") for p in sorted(paths)])
     prefix = directory + "/" if directory else ""
-    outside, below = files.split(prefix)
-    assert below == [e for e in files.entries if e.path.startswith(prefix)]
-    assert outside == [e for e in files.entries if not e.path.startswith(prefix)]
+    assert list(files.below(prefix)) == [e for e in files.entries if e.path.startswith(prefix)]
+    assert files.outside(prefix) == [e for e in files.entries if not e.path.startswith(prefix)]
 
 
 def after_promotion_by_filtering(dest: Manifest, source: Manifest, plan: TransferPlan, policy: Policy) -> bool:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import operator
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -52,12 +53,17 @@ class Manifest(msgspec.Struct):
     def files(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == KIND_FILE]
 
-    def split(self, prefix: str) -> tuple[list[Entry], list[Entry]]:
-        """(entries outside, entries below) a directory given as "dir/" ("" = all below)."""
+    def outside(self, prefix: str) -> list[Entry]:
+        """The entries not below a directory given as "dir/" ("" = none)."""
         if not prefix:
-            return [], self.entries
+            return []
         lo, hi = prefix_bounds(self.entries, prefix, key=entry_path)
-        return self.entries[:lo] + self.entries[hi:], self.entries[lo:hi]
+        return self.entries[:lo] + self.entries[hi:]
+
+    def below(self, prefix: str) -> Iterator[Entry]:
+        """The entries below a directory given as "dir/" ("" = all), in order, without a copy."""
+        lo, hi = prefix_bounds(self.entries, prefix, key=entry_path) if prefix else (0, len(self.entries))
+        return itertools.islice(self.entries, lo, hi)
 
 
 class ExpectedTree(msgspec.Struct):
