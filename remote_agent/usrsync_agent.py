@@ -380,6 +380,17 @@ class HashCache(object):
         width = self.width
         return paths[i], self.digests[i * width:(i + 1) * width].hex()
 
+    def keep(self, relpath):
+        """Keep relpath's entry though get() just found its key changed: a digest known otherwise
+        stands in for it this scan (see build_manifest's `trusted`). Never served: a key must match."""
+        paths = self.paths
+        i = self._cursor - 1
+        if i < 0 or i >= len(paths) or paths[i] != relpath:
+            i = bisect.bisect_left(paths, relpath)
+            if i >= len(paths) or paths[i] != relpath:
+                return
+        self._kept[i] = 1
+
     def get_run(self, relpaths, keys):
         """get() of a run of path-sorted files at once, their keys joined: (the cache's path
         strings, hex digests) when every one matches, else None and nothing is marked kept."""
@@ -429,22 +440,48 @@ class HashCache(object):
             self.paths, self.keys, self.digests = added_paths, added_keys, added_digests
             return
         width = self.width
-        # The puts by path, the last of each path kept (sorted() is stable).
-        order = sorted(range(len(added_paths)), key=added_paths.__getitem__)
-        adds = [j for n, j in enumerate(order) if n + 1 == len(order) or added_paths[order[n + 1]] != added_paths[j]]
+        # The puts by path, the last of each path kept (sorted() is stable). Usually they come in
+        # path order already, each path once: no permutation of them to build.
+        if all(map(lt, added_paths, islice(added_paths, 1, None))):
+            adds = range(len(added_paths))
+        else:
+            order = sorted(range(len(added_paths)), key=added_paths.__getitem__)
+            adds = [j for n, j in enumerate(order)
+                    if n + 1 == len(order) or added_paths[order[n + 1]] != added_paths[j]]
         if not paths:  # a first scan whose puts came out of order
             self.paths = [added_paths[j] for j in adds]
             self.keys = b"".join(added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE] for j in adds)
             self.digests = b"".join(added_digests[j * width:(j + 1) * width] for j in adds)
             return
-        # Cut points in the old columns: an entry removed (or replaced by a put) is left out, and
-        # puts go in before the old entry at their bisection point, in path order (their rank).
+        # A put for a path the columns hold replaces its key and digest in place (what a transfer
+        # remembers: every linked and copied file again); only new paths make new columns.
+        keys, digests = bytearray(keys), bytearray(digests)
+        fresh = []
+        replaced = []
+        i = 0
+        for j in adds:
+            path = added_paths[j]
+            if i >= len(paths) or paths[i] != path:
+                i = bisect.bisect_left(paths, path, i)  # the puts are in path order: from the cursor on
+            if i < len(paths) and paths[i] == path:
+                paths[i] = path  # the putter's string, which its manifest entry holds: one copy of each path
+                keys[i * KEY_SIZE:(i + 1) * KEY_SIZE] = added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE]
+                digests[i * width:(i + 1) * width] = added_digests[j * width:(j + 1) * width]
+                replaced.append(i)
+                i += 1
+            else:
+                fresh.append(j)
+        self.keys, self.digests = keys, digests
+        if removed and replaced:  # a scan's changed file: not met unchanged, but put again
+            replaced = set(replaced)
+            removed = [i for i in removed if i not in replaced]
+        if not removed and not fresh:
+            return
+        # Cut points in the old columns: an entry removed is left out, and new paths go in before
+        # the old entry at their bisection point, in path order (their rank).
+        adds = fresh
         events = [(i, 1, 0) for i in removed]
-        for rank, j in enumerate(adds):
-            i = bisect.bisect_left(paths, added_paths[j])
-            events.append((i, 0, rank))
-            if i < len(paths) and paths[i] == added_paths[j]:
-                events.append((i, 1, 0))
+        events += [(bisect.bisect_left(paths, added_paths[j]), 0, rank) for rank, j in enumerate(adds)]
         events.sort()
         new_paths, new_keys, new_digests = [], [], []
         start = 0
@@ -763,12 +800,16 @@ def _cached_run(cache, batch, racy_from, hash_sections, entry_type=None):
 
 def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sections=None,
                    trusted=None, progress=None, progress_start=None, cancelled=None, cache=None,
-                   entry_type=None):
+                   entry_type=None, share=None):
     """Manifest entries [path, section, size, mtime_ns, kind, digest], sorted by path.
 
     `hash_sections`: sections whose files are hashed (default all); others get digest "".
     `trusted`: {relpath: [inode, size, mtime_ns, digest]} known-good digests of files this run just
-    verified or hard-linked, reused when the inode, size and mtime still match.
+    verified or hard-linked, reused when the inode, size and mtime still match. They are not put in
+    the cache: staging's links moved those inodes' ctimes, and removing staging moves them again,
+    so such a key would be stale by the time anyone saved it (the digests are remembered after
+    promotion, under the keys the check of the promoted tree saw). The cache keeps their entries
+    until then, so that remembering replaces them in place.
     `progress_start(files, bytes)` is called once with what is about to be hashed (only when
     something is), `progress(files, bytes)` after each hashed file.
     `cancelled`: a threading.Event; once set, Cancelled is raised before the next file is hashed.
@@ -777,6 +818,9 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     `entry_type`: a class built from those six fields, in that order, with the path as its
     attribute `path`; the entries are of it instead of lists. A warm scan then builds no list of
     the whole tree at all (at a million files, ~130 MB of lists the caller would convert).
+    `share` (with `entry_type`): called with each directory's run of entries as soon as they are
+    complete, in path order; the entries are what it returns (a rescan hands back the equal ones
+    of the manifest it checks, so that it holds no second set of entries).
     """
     scan_start = _time_ns()
     owned = use_cache and cache is None
@@ -794,10 +838,9 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
         for batch in walk_batches(root):
             cached = _cached_run(cache, batch, racy_from, hash_sections, entry_type) if cache is not None else None
             if cached is not None:
-                entries += cached
+                entries += share(cached) if share is not None else cached
                 continue
-            if entry_type is not None:
-                as_lists.append((len(entries), len(entries) + len(batch)))
+            run_start, queued = len(entries), len(to_hash)
             for rel, section, kind, st in batch:
                 entry = [rel, section, st.st_size, st.st_mtime_ns, kind, ""]
                 entries.append(entry)
@@ -819,12 +862,18 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                     if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
                         digest = known[3]
                         if key is not None:
-                            cache.put(rel, key, digest)
+                            cache.keep(rel)  # its entry stays, to be replaced in place when it is remembered
                 if digest is not None:
                     entry[5] = digest
                 else:
                     to_hash.append((entry, key))  # the key, not the FileStat: ~190 bytes less per file
             del batch  # this directory's FileStats can go: entries and keys hold what is needed
+            if entry_type is not None:
+                if len(to_hash) == queued:  # complete already: typed now, not held as lists to the end
+                    run = list(starmap(entry_type, entries[run_start:]))
+                    entries[run_start:] = share(run) if share is not None else run
+                else:
+                    as_lists.append((run_start, len(entries)))
 
     done = [0, 0]
     lock = threading.Lock()
@@ -874,7 +923,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
         del small, big
     del to_hash  # ~130 bytes a file hashed: gone before the cache merges what was put and saves it
     for start, stop in as_lists:
-        entries[start:stop] = starmap(entry_type, entries[start:stop])
+        run = list(starmap(entry_type, entries[start:stop]))
+        entries[start:stop] = share(run) if share is not None else run
     del as_lists
     # In path order already (see _walk), but for names shown escaped: one pass confirms it.
     entries.sort(key=_first if entry_type is None else _path_attribute)
@@ -1328,7 +1378,6 @@ def remember_digests(cache, proven, stats=None):
     racy, is left out. Every other cache entry is kept. `stats`: what a verify_tree() of the live
     tree just now saw (its VerifiedTree: get(relpath) gives (inode, size, mtime_ns, ctime_ns)),
     which saves an lstat per file (0.3-0.4 s per 100k here); a path it lacks is looked up."""
-    items = []
     racy_from = _time_ns() - RACY_WINDOW_NS
     for rel, (ino, size, mtime_ns, digest) in proven.items():
         seen = stats.get(rel) if stats is not None else None
@@ -1343,8 +1392,8 @@ def remember_digests(cache, proven, stats=None):
         now_ino, now_size, now_mtime_ns, now_ctime_ns = seen
         key = cache_key((now_size, now_mtime_ns, now_ctime_ns, now_ino))
         if (now_ino, now_size, now_mtime_ns) == (ino, size, mtime_ns) and mtime_ns < racy_from and key is not None:
-            items.append((rel, key, digest))
-    cache.add(items)
+            cache.put(rel, key, digest)  # into the cache's columns: no list of (path, key, digest) tuples
+    cache.add(())
 
 
 def reread_digests(tree, reread):

@@ -178,8 +178,11 @@ def local_manifest(
     progress: HashProgress | None = None,
     cancelled: threading.Event | None = None,
     cache: engine.HashCache | None = None,
+    before: Manifest | None = None,
 ) -> Manifest:
-    """`cache`: a hash cache to use and leave to the caller to save (see engine.HashCache)."""
+    """`cache`: a hash cache to use and leave to the caller to save (see engine.HashCache).
+    `before`: an earlier manifest of this root (a rescan's): each entry equal to one of its is
+    that object, shared as each directory is scanned, so a rescan holds no second set of entries."""
     if not root.is_dir():
         return Manifest(exists=False, algo=algo, entries=[])
     totals = [0, 0]
@@ -194,6 +197,7 @@ def local_manifest(
         use_cache=use_cache, hash_sections=hash_sections, trusted=trusted,
         progress=(lambda files, nbytes: progress(files, nbytes, *totals)) if progress else None,
         progress_start=start if progress else None, cancelled=cancelled, cache=cache, entry_type=Entry,
+        share=EntryPool(before.entries).share if before is not None else None,
     )
     return Manifest(exists=True, algo=algo, entries=entries)
 

@@ -292,7 +292,7 @@ class Run:
         return functools.partial(hook, side) if hook else None
 
     async def _local_manifest(self, policy: Policy, *, algo: str | None = None,
-                              trusted: dict[str, list] | None = None,
+                              trusted: dict[str, list] | None = None, before: Manifest | None = None,
                               cancelled: threading.Event | None = None, progress: bool = True) -> Manifest:
         algo = algo or self.algo
         report = self._hash_progress("local") if progress else None
@@ -301,7 +301,7 @@ class Run:
             cache = self._hash_cache(algo) if self.options.use_cache else None
             manifest = local_manifest(self.local_dir, algo, jobs=self.options.jobs, use_cache=self.options.use_cache,
                                       hash_sections=policy.hashed_sections(), trusted=trusted, progress=report,
-                                      cancelled=cancelled, cache=cache)
+                                      cancelled=cancelled, cache=cache, before=before)
             if cache is not None and self.action == "diff":
                 # A diff scans once: keep what it hashed now, and let go of the cache (its keys and
                 # digests, ~60 bytes a file; the entries hold its paths) before the remote manifest
@@ -504,7 +504,7 @@ class Run:
         `save_cache` false: the agent leaves its cache to a later call (this side's is saved when
         the run ends anyway)."""
         if side == "local":
-            return await self._local_manifest(policy, trusted=trusted, progress=False)
+            return await self._local_manifest(policy, trusted=trusted, before=before, progress=False)
         assert self.session is not None
         return await self.session.changed_since(self.dataset, before, jobs=self.options.jobs,
                                                 use_cache=self.options.use_cache,
