@@ -455,7 +455,8 @@ class HashCache(object):
             return
         # A put for a path the columns hold replaces its key and digest in place (what a transfer
         # remembers: every linked and copied file again); only new paths make new columns.
-        keys, digests = bytearray(keys), bytearray(digests)
+        if adds:
+            keys, digests = bytearray(keys), bytearray(digests)
         fresh = []
         replaced = []
         i = 0
@@ -467,7 +468,8 @@ class HashCache(object):
                 paths[i] = path  # the putter's string, which its manifest entry holds: one copy of each path
                 keys[i * KEY_SIZE:(i + 1) * KEY_SIZE] = added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE]
                 digests[i * width:(i + 1) * width] = added_digests[j * width:(j + 1) * width]
-                replaced.append(i)
+                if removed:
+                    replaced.append(i)
                 i += 1
             else:
                 fresh.append(j)
@@ -1860,8 +1862,8 @@ class Agent(object):
                 cache=cache,
             )
             # `save_cache` false: a later call saves (a push's destination rescan is followed by
-            # verify's remember, and the keys put now for the files staging linked go stale when
-            # staging goes: a link count change moves ctime).
+            # verify's remember, which puts the digests of the files staging linked under their
+            # keys once staging is gone: a link count change moves ctime).
             if cache is not None and args.get("save_cache", True):
                 cache.save()
         reply = {"exists": exists, "count": len(entries), "algo": args["algo"], "root": root}

@@ -697,7 +697,7 @@ def small_fs(work: Path, notes: list[str]) -> Iterator[Path]:
     path = work / "small"
     path.mkdir()
     mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8g,mode=0755", "tmpfs", str(path)], capture_output=True,
+        ["mount", "-t", "tmpfs", "-o", "size=8g,nr_inodes=10m,mode=0755", "tmpfs", str(path)], capture_output=True,
         check=False).returncode == 0
     notes.append("small trees on tmpfs" if mounted else "small trees in fresh dirs on " + str(work))
     try:

@@ -55,15 +55,12 @@ class Manifest(msgspec.Struct):
 
     def outside(self, prefix: str) -> list[Entry]:
         """The entries not below a directory given as "dir/" ("" = none)."""
-        if not prefix:
-            return []
         lo, hi = prefix_bounds(self.entries, prefix, key=entry_path)
         return self.entries[:lo] + self.entries[hi:]
 
     def below(self, prefix: str) -> Iterator[Entry]:
         """The entries below a directory given as "dir/" ("" = all), in order, without a copy."""
-        lo, hi = prefix_bounds(self.entries, prefix, key=entry_path) if prefix else (0, len(self.entries))
-        return itertools.islice(self.entries, lo, hi)
+        return itertools.islice(self.entries, *prefix_bounds(self.entries, prefix, key=entry_path))
 
 
 class ExpectedTree(msgspec.Struct):
@@ -79,8 +76,10 @@ class ExpectedTree(msgspec.Struct):
 
 
 def prefix_bounds(items: list, prefix: str, key: Callable | None = None) -> tuple[int, int]:
-    """Where the paths below a directory "dir/" are in a path-sorted list: they sit between
-    "dir/" and "dir0" ('0' follows '/'), two bisections. `key`: an item's path."""
+    """Where the paths below a directory "dir/" ("" = the whole dataset) are in a path-sorted list:
+    they sit between "dir/" and "dir0" ('0' follows '/'), two bisections. `key`: an item's path."""
+    if not prefix:
+        return 0, len(items)
     lo = bisect.bisect_left(items, prefix, key=key)
     return lo, bisect.bisect_left(items, prefix[:-1] + "0", lo=lo, key=key)
 

@@ -100,8 +100,7 @@ class TransferPlan(msgspec.Struct, kw_only=True):
         return list(self.kept())
 
     def _below(self, files: list[Entry]) -> Iterator[Entry]:
-        lo, hi = prefix_bounds(files, self.prefix, key=entry_path) if self.subtree else (0, len(files))
-        return itertools.islice(files, lo, hi)
+        return itertools.islice(files, *prefix_bounds(files, self.prefix, key=entry_path))
 
     def expected_tree(self) -> ExpectedTree:
         """`expected()` as verify_tree checks it: three columns, no object per file."""
@@ -161,7 +160,7 @@ def plan_transfer(cmp: Comparison, direction: Direction, policy: Policy, max_del
         if all(map(classify, top_names(after, len(subtree) + 1, lo, hi))):
             break
         subtree = subtree.rpartition("/")[0]
-    lo, hi = prefix_bounds(dest_files, subtree + "/", key=entry_path) if subtree else (0, len(dest_files))
+    lo, hi = prefix_bounds(dest_files, subtree + "/" if subtree else "", key=entry_path)
     replaced = set(rewritten).union(delete)
     copied = entries_of(copy, after)
     reread = [e.path for e in copied if e.digest and (policy.sidecars or e.section == PRIMARY)]

@@ -526,9 +526,9 @@ class Run:
             result = await verifying
             if result.problems:
                 return result, None  # refused anyway: no need to know more about the destination
-            # Staging linked these files, which changed their ctime and so their hash cache key.
-            # The keys put now go stale again when staging goes: after promotion, verify's remember
-            # (push) or the end of the run (pull) saves the cache.
+            # Staging linked these files, which changed their ctime and so their hash cache key:
+            # the rescan trusts their digests (and puts no key, which would move again when staging
+            # goes); after promotion, verify's remember (push) or the end of the run (pull) keeps them.
             linked.update(linked_digests(plan, engine.VerifiedTree(expected.columns(), result.stats)))
             return result, await self._changed_since(policy, dest_side, dest_before, linked, save_cache=False)
 
