@@ -121,6 +121,13 @@ def endless_chunks(agent: Any, rid: int, args: dict) -> None:
         _write(agent, frame)
 
 
+def short_stats(agent: Any, rid: int, args: dict) -> None:
+    """The real verification, its packed stats cut short (a file's worth missing)."""
+    result = agent.call_verify(args)
+    result["stats"] = result["stats"][:-8]  # base64 text: 6 bytes fewer
+    agent.send({"id": rid, "type": "result", "result": result})
+
+
 VARIANTS: dict[str, tuple[str, Answer]] = {
     "absolute-path": ("manifest", extra_entry("/etc/passwd")),
     "nul-in-path": ("manifest", extra_entry("notes/a\x00b")),
@@ -133,6 +140,7 @@ VARIANTS: dict[str, tuple[str, Answer]] = {
     "truncated": ("manifest", truncated_then_eof),
     "endless": ("manifest", endless_chunks),
     "silent": ("manifest", until_eof),
+    "short-stats": ("verify", short_stats),
 }
 
 

@@ -81,6 +81,18 @@ def test_malformed_answers_are_refused(tmp_path: Path, variant: str, message: st
     assert "\n" not in audit["error"]["message"] and "\x00" not in audit["error"]["message"]
 
 
+def test_a_push_refuses_malformed_verification_stats(tmp_path: Path) -> None:
+    """The remote's check of a pushed staging copy comes with each file's packed stats; a reply
+    whose stats do not fit the files checked is refused before anything is promoted."""
+    sides = hostile_sides(tmp_path, "short-stats")
+    (sides.local / "_derived" / "ns" / "part-0009.parquet").write_bytes(b"PAR1 pushed")
+    before = sides.states()
+    out = tmp_path / "audit.json"
+    proc = sides.run("push", "--audit-json-out", str(out), timeout=TIMEOUT)
+    audit = assert_clean_failure(sides, proc, out, 3, "the remote agent sent stats of ", before)
+    assert audit["error"]["kind"] == "protocol"
+
+
 # --- lies about content: caught by verification, nothing promoted -----------------------------------
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from remote_agent import usrsync_agent as engine
 from usrsync import manifest_copy
 from usrsync.compare import EventsLines
 from usrsync.config import Remote
@@ -269,6 +270,9 @@ class RemoteSession:
         args = self._args(dataset, txid=txid, expected=expected, reread=reread, algo=algo, staging=staging,
                           subtree=subtree, remember=remember)
         reply, _ = await self.client.call("verify", args, VerifyReply)
+        if len(reply.stats) not in (0, len(expected.paths) * engine.TREE_STAT.size):
+            raise ProtocolError(f"the remote agent sent stats of {len(reply.stats)} bytes for {len(expected.paths)} "
+                                "verified files", "rerun; if it persists, run `usr remotes doctor`")
         return reply
 
     async def promote(self, dataset: str, txid: str, *, wait: float, subtree: str) -> str:
