@@ -1319,7 +1319,7 @@ def verify_tree(root, expected, reread, algo, subtree=""):
                     TREE_STAT.pack_into(packed, i * width, *_tree_stat(st))
     if 0 in met:
         problems += [[rel, "missing"] for rel, seen in zip(paths_expected, met) if not seen]
-    tree = VerifiedTree(expected, bytes(packed))
+    tree = VerifiedTree(expected, packed)
     bad = set(p[0] for p in problems)
     checked = 0
     nbytes = 0

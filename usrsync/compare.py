@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import operator
 from typing import Literal
@@ -11,7 +10,7 @@ from typing import Literal
 import msgspec
 
 from usrsync.dataset import AUXILIARY, DERIVED, PRIMARY, SECTIONS, SNAPSHOTS
-from usrsync.manifest import KIND_FILE, Entry, Manifest, entry_path, find
+from usrsync.manifest import KIND_FILE, Entry, Manifest, find
 
 VerifyMode = Literal["hash", "size", "parquet"]
 Relation = Literal["equal", "local_ahead", "remote_ahead", "diverged"]
@@ -99,7 +98,7 @@ class SectionDelta(msgspec.Struct, kw_only=True):
         return bool(self.local_only or self.remote_only or self.differing)
 
 
-class Comparison(msgspec.Struct, kw_only=True, dict=True):
+class Comparison(msgspec.Struct, kw_only=True):
     sections: dict[str, SectionDelta]
     local_files: list[Entry]  # each side's files (no symlinks or specials), sorted by path
     remote_files: list[Entry]
@@ -107,15 +106,6 @@ class Comparison(msgspec.Struct, kw_only=True, dict=True):
     remote_exists: bool
     events: EventsState | None = None
     specials: list[str] = []  # symlinks, devices, bad names: reported, never transferred
-
-    # By path, built on first use: planning looks up most files, a diff only the few `find` serves.
-    @functools.cached_property
-    def local(self) -> dict[str, Entry]:
-        return dict(zip(map(entry_path, self.local_files), self.local_files))
-
-    @functools.cached_property
-    def remote(self) -> dict[str, Entry]:
-        return dict(zip(map(entry_path, self.remote_files), self.remote_files))
 
     def find(self, side: Literal["local", "remote"], path: str) -> Entry | None:
         return find(self.local_files if side == "local" else self.remote_files, path)
