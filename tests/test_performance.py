@@ -624,18 +624,32 @@ def test_read_buffer_is_page_aligned() -> None:
     assert len(buf) == engine.READ_CHUNK
 
 
-# --- compare: the same-paths fast path agrees with the general merge -----------------------------
+# --- compare: the fast paths agree with bucketing path by path ------------------------------------
 
 PATHS = ["records.parquet", "meta.md", "_derived/a", "_derived/b", "_snapshots/s", "notes.txt"]
 VARIANTS = st.sampled_from([(b"a", 0), (b"b", 0), (b"a", 1), (b"ab", 0)])
 policies = st.builds(Policy, verify=st.sampled_from(["hash", "size"]), content_hashes=st.booleans())
 
 
-def merged(local: Manifest, remote: Manifest, policy: Policy) -> dict[str, SectionDelta]:
+def merged(local: Manifest, remote: Manifest, policy: Policy,
+           primary_shapes: tuple | None = None) -> dict[str, SectionDelta]:
+    """The sections as bucketing every path on its own gives them: the oracle of compare()."""
     sections = {s: SectionDelta(section=s, in_scope=policy.in_scope(s)) for s in SECTIONS}
-    by_path = operator.attrgetter("path")
-    compare_mod._merge(sorted(local.entries, key=by_path), sorted(remote.entries, key=by_path), sections, policy,
-                       None)
+    lfiles = {e.path: e for e in local.entries}
+    rfiles = {e.path: e for e in remote.entries}
+    for path in sorted(lfiles.keys() | rfiles.keys()):
+        a, b = lfiles.get(path), rfiles.get(path)
+        delta = sections[(a or b).section]
+        delta.local_files += a is not None
+        delta.remote_files += b is not None
+        if b is None:
+            delta.local_only.append(path)
+        elif a is None:
+            delta.remote_only.append(path)
+        elif compare_mod._same(a, b, policy, primary_shapes):
+            delta.same += 1
+        else:
+            delta.differing.append(path)
     return sections
 
 
@@ -670,6 +684,24 @@ def test_the_fast_path_finds_every_change_across_its_blocks(changed: set, touche
     remote = Manifest(exists=True, algo="sha256", entries=[
         entry(p, b"b" if i in changed else b"a", (OLD + (i in touched)) * 10**9) for i, p in enumerate(MANY_PATHS)])
     assert compare(local, remote, policy).sections == merged(local, remote, policy)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.integers(0, len(MANY_PATHS) - 1), max_size=40), st.sets(st.integers(0, len(MANY_PATHS) - 1),
+       max_size=40), MANY_INDICES, st.lists(st.integers(0, len(MANY_PATHS)), max_size=6), policies,
+       st.sampled_from([None, ([1, 2], [1, 2]), ([1, 2], [3, 2])]))
+def test_the_merge_of_added_and_removed_files_buckets_every_path(
+        local_gone: set, remote_gone: set, changed: set, added: list, policy: Policy, shapes: tuple | None) -> None:
+    """Files removed on either side, new ones in between, contents changed: runs of equal entries of
+    every length between them, so the merge's window grows, stops part-way and starts again."""
+    local = Manifest(exists=True, algo="sha256", entries=[
+        entry(p, b"a") for i, p in enumerate(MANY_PATHS) if i not in local_gone])
+    new = {MANY_PATHS[min(i, len(MANY_PATHS) - 1)] + "-new" for i in added}
+    remote = Manifest(exists=True, algo="sha256", entries=sorted(
+        [entry(p, b"b" if i in changed else b"a") for i, p in enumerate(MANY_PATHS) if i not in remote_gone]
+        + [entry(p, b"n") for p in new], key=operator.attrgetter("path")))
+    assert compare(local, remote, policy, primary_shapes=shapes).sections == merged(local, remote, policy, shapes)
+    assert compare(remote, local, policy, primary_shapes=shapes).sections == merged(remote, local, policy, shapes)
 
 
 def test_same_paths_with_different_parquet_shapes_are_not_the_same() -> None:
