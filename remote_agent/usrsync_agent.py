@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import zlib
-from itertools import islice, repeat, starmap
+from itertools import chain, islice, repeat, starmap
 from operator import attrgetter, itemgetter, lt, methodcaller
 from stat import S_ISLNK, S_ISREG
 
@@ -252,6 +252,16 @@ def cache_key(st):
         return None
 
 
+def _run_at(paths, cursor, relpaths):
+    """Where a run of path-sorted files sits in the sorted `paths`, looked for at `cursor` first
+    (the next run of a walk in path order starts there), else by bisection; None unless every one
+    of them is there, in a row."""
+    i = cursor
+    if i >= len(paths) or paths[i] != relpaths[0]:
+        i = bisect.bisect_left(paths, relpaths[0])
+    return i if paths[i:i + len(relpaths)] == list(relpaths) else None
+
+
 class HashCache(object):
     """Digests of settled files by relpath and cache_key(), one file per dataset and algo.
 
@@ -395,19 +405,24 @@ class HashCache(object):
         """get() of a run of path-sorted files at once, their keys joined: (the cache's path
         strings, hex digests) when every one matches, else None and nothing is marked kept."""
         count = len(relpaths)
-        paths = self.paths
-        i = self._cursor
-        if i >= len(paths) or paths[i] != relpaths[0]:
-            i = bisect.bisect_left(paths, relpaths[0])
-        found = paths[i:i + count]
-        if len(found) != count or self.keys[i * KEY_SIZE:(i + count) * KEY_SIZE] != keys \
-                or found != list(relpaths):
+        i = _run_at(self.paths, self._cursor, relpaths)
+        if i is None or self.keys[i * KEY_SIZE:(i + count) * KEY_SIZE] != keys:
             return None
         self._kept[i:i + count] = b"\x01" * count
         self._cursor = i + count
         width = 2 * self.width
         digests = self.digests[i * self.width:(i + count) * self.width].hex()
-        return found, [digests[j:j + width] for j in range(0, count * width, width)]
+        return self.paths[i:i + count], [digests[j:j + width] for j in range(0, count * width, width)]
+
+    def keep_run(self, relpaths):
+        """keep() of a run of path-sorted files at once (a directory's trusted files)."""
+        i = _run_at(self.paths, self._cursor, relpaths)
+        if i is None:  # not all of them are cached: each one that is
+            for rel in relpaths:
+                self.keep(rel)
+            return
+        self._kept[i:i + len(relpaths)] = b"\x01" * len(relpaths)
+        self._cursor = i + len(relpaths)
 
     def put(self, relpath, key, digest):
         """Cache `digest` under `key` once the scan finishes (or add() applies it)."""
@@ -608,6 +623,7 @@ _stat_fields = attrgetter(*_FileStat._fields)
 _stat_mode = attrgetter("st_mode")
 _stat_size = attrgetter("st_size")
 _stat_mtime = attrgetter("st_mtime_ns")
+_stat_ino = attrgetter("st_ino")
 _tree_stat = itemgetter(3, 1, 2)  # a FileStat as verify_tree() packs it: (inode, mtime_ns, ctime_ns)
 _entry_name = attrgetter("name")
 _entry_is_dir = methodcaller("is_dir", follow_symlinks=False)  # from d_type: no stat
@@ -776,11 +792,12 @@ class Cancelled(Exception):
     """build_manifest's `cancelled` event was set: the caller no longer wants the result."""
 
 
-def _cached_run(cache, batch, racy_from, hash_sections, entry_type=None):
-    """The manifest entries of a run of files from the walk when the cache holds every one of
-    them unchanged, else None: a no-op scan's common case, at C speed per column instead of a
-    lookup per file. The rules are build_manifest's: files of hashed sections, not racy, not
-    .events.log (always rehashed)."""
+def _known_run(cache, trusted, batch, racy_from, hash_sections, entry_type=None):
+    """The manifest entries of a run of files from the walk when every one of them is known: the
+    cache holds them all unchanged, or else `trusted` (a TrustedDigests) vouches for them all; None
+    otherwise. A no-op scan's common case (and a rescan's after staging linked a directory), at C
+    speed per column instead of a lookup per file. The rules are build_manifest's: files of hashed
+    sections, not racy, not .events.log (always rehashed)."""
     paths, sections, kinds, stats = zip(*batch)
     if kinds.count(KIND_FILE) != len(kinds) or EVENTS in sections \
             or hash_sections is not None and not hash_sections.issuperset(sections):
@@ -788,15 +805,22 @@ def _cached_run(cache, batch, racy_from, hash_sections, entry_type=None):
     mtimes = list(map(_stat_mtime, stats))
     if max(mtimes) >= racy_from:
         return None
+    sizes = list(map(_stat_size, stats))
+    digests = None
     try:
-        keys = b"".join(starmap(CACHE_KEY.pack, stats))
-    except struct.error:
+        if cache is not None:
+            found = cache.get_run(paths, b"".join(starmap(CACHE_KEY.pack, stats)))
+            if found is not None:
+                paths, digests = found
+        if digests is None and trusted:
+            digests = trusted.get_run(paths, b"".join(map(TRUSTED_KEY.pack, map(_stat_ino, stats), sizes, mtimes)))
+            if digests is not None and cache is not None:
+                cache.keep_run(paths)  # their entries stay, to be replaced in place when remembered
+    except struct.error:  # a key out of the packed range: the files take the slow path
         return None
-    found = cache.get_run(paths, keys)
-    if found is None:
+    if digests is None:
         return None
-    paths, digests = found
-    fields = zip(paths, sections, map(_stat_size, stats), mtimes, kinds, digests)
+    fields = zip(paths, sections, sizes, mtimes, kinds, digests)
     return list(map(list, fields) if entry_type is None else starmap(entry_type, fields))
 
 
@@ -806,8 +830,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     """Manifest entries [path, section, size, mtime_ns, kind, digest], sorted by path.
 
     `hash_sections`: sections whose files are hashed (default all); others get digest "".
-    `trusted`: {relpath: [inode, size, mtime_ns, digest]} known-good digests of files this run just
-    verified or hard-linked, reused when the inode, size and mtime still match. They are not put in
+    `trusted`: a TrustedDigests, known-good digests of files this run just verified or
+    hard-linked, reused when the inode, size and mtime still match. They are not put in
     the cache: staging's links moved those inodes' ctimes, and removing staging moves them again,
     so such a key would be stale by the time anyone saved it (the digests are remembered after
     promotion, under the keys the check of the promoted tree saw). The cache keeps their entries
@@ -838,9 +862,10 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     as_lists = []  # with entry_type: (start, stop) of each run of entries built as lists, converted at the end
     with gc_paused():
         for batch in walk_batches(root):
-            cached = _cached_run(cache, batch, racy_from, hash_sections, entry_type) if cache is not None else None
-            if cached is not None:
-                entries += share(cached) if share is not None else cached
+            known = _known_run(cache, trusted, batch, racy_from, hash_sections, entry_type) \
+                if cache is not None or trusted else None
+            if known is not None:
+                entries += share(known) if share is not None else known
                 continue
             run_start, queued = len(entries), len(to_hash)
             for rel, section, kind, st in batch:
@@ -861,7 +886,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                     entry[0], digest = cached  # the cache's path string: the scan's goes with the batch
                 elif trusted and not racy:
                     known = trusted.get(rel)
-                    if known and known[:3] == [st.st_ino, st.st_size, st.st_mtime_ns]:
+                    if known is not None and known[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
                         digest = known[3]
                         if key is not None:
                             cache.keep(rel)  # its entry stays, to be replaced in place when it is remembered
@@ -1340,14 +1365,12 @@ def verify_tree(root, expected, reread, algo, subtree=""):
 TREE_STAT = struct.Struct("<Qqq")
 
 
-class VerifiedTree(object):
-    """The expected columns of a verify_tree() call and the stats it packed: each file's
-    (inode, size, mtime_ns, ctime_ns) and digest, found by path. Lookups in path order, the way
-    every caller makes them, cost one comparison at a cursor; others a bisection."""
+class _ByPath(object):
+    """Columns in the order of their sorted `paths`, looked up by path: in path order, the way
+    scans and verifications make their lookups, one comparison at a cursor; otherwise a bisection."""
 
-    def __init__(self, expected, packed):
-        self.paths, self.sizes, self.digests = expected["paths"], expected["sizes"], expected["digests"]
-        self.packed = packed
+    def __init__(self, paths):
+        self.paths = paths
         self._cursor = 0
 
     def _index(self, rel):
@@ -1358,6 +1381,16 @@ class VerifiedTree(object):
                 return None
         self._cursor = i + 1
         return i
+
+
+class VerifiedTree(_ByPath):
+    """The expected columns of a verify_tree() call and the stats it packed: each file's
+    (inode, size, mtime_ns, ctime_ns) and digest, found by path."""
+
+    def __init__(self, expected, packed):
+        _ByPath.__init__(self, expected["paths"])
+        self.sizes, self.digests = expected["sizes"], expected["digests"]
+        self.packed = packed
 
     def get(self, rel):
         """(inode, size, mtime_ns, ctime_ns) of a verified file; None for a path not expected, or
@@ -1373,15 +1406,63 @@ class VerifiedTree(object):
         return None if i is None else self.digests[i]
 
 
+# What a trusted digest holds to: the file's (inode, size, mtime_ns).
+TRUSTED_KEY = struct.Struct("<Qqq")
+
+
+class TrustedDigests(_ByPath):
+    """Digests a transfer proved for files it did not copy (those staging hard-linked), for
+    build_manifest's `trusted`: each applies while its file's inode, size and mtime are still the
+    ones in `keys` (TRUSTED_KEY each, in path order). As columns a million of them take ~40 MB (the
+    path and digest strings are the manifest's own); as a dict of lists they took ~170 MB, and
+    the rescans looked each one up alone. `keys` may come as base64 text (a call's argument)."""
+
+    def __init__(self, paths, keys, digests):
+        if not isinstance(keys, (bytes, bytearray)):
+            keys = binascii.a2b_base64(keys)
+        if not (type(paths) is list and type(digests) is list and len(digests) == len(paths)
+                and len(keys) == TRUSTED_KEY.size * len(paths) and all(map(lt, paths, islice(paths, 1, None)))):
+            raise ValueError("trusted digests: columns of unequal lengths, or paths not sorted")
+        _ByPath.__init__(self, paths)
+        self.keys, self.digests = keys, digests
+
+    def __len__(self):
+        return len(self.paths)
+
+    def columns(self):
+        """As a call's argument (the JSON encoder writes `keys` as base64)."""
+        return {"paths": self.paths, "keys": self.keys, "digests": self.digests}
+
+    def get(self, rel):
+        """(inode, size, mtime_ns, digest) trusted for a file, or None."""
+        i = self._index(rel)
+        return None if i is None else TRUSTED_KEY.unpack_from(self.keys, i * TRUSTED_KEY.size) + (self.digests[i],)
+
+    def get_run(self, relpaths, keys):
+        """The digests of a run of path-sorted files when every one is trusted under its key
+        (`keys`: theirs joined), else None."""
+        count = len(relpaths)
+        i = _run_at(self.paths, self._cursor, relpaths)
+        if i is None or self.keys[i * TRUSTED_KEY.size:(i + count) * TRUSTED_KEY.size] != keys:
+            return None
+        self._cursor = i + count
+        return self.digests[i:i + count]
+
+    def items(self):
+        """(relpath, inode, size, mtime_ns, digest) of each trusted file, in path order."""
+        for i, rel in enumerate(self.paths):
+            yield (rel,) + TRUSTED_KEY.unpack_from(self.keys, i * TRUSTED_KEY.size) + (self.digests[i],)
+
+
 def remember_digests(cache, proven, stats=None):
     """Put digests a transfer just proved into a dataset's hash cache (its owner saves it), so the
-    next scan need not read those files again. `proven`: {relpath: [inode, size, mtime_ns, digest]}
-    as seen when they were proved; a file whose inode, size or mtime no longer match, or that is
-    racy, is left out. Every other cache entry is kept. `stats`: what a verify_tree() of the live
+    next scan need not read those files again. `proven`: (relpath, inode, size, mtime_ns, digest)
+    of each, as seen when it was proved; a file whose inode, size or mtime no longer match, or that
+    is racy, is left out. Every other cache entry is kept. `stats`: what a verify_tree() of the live
     tree just now saw (its VerifiedTree: get(relpath) gives (inode, size, mtime_ns, ctime_ns)),
     which saves an lstat per file (0.3-0.4 s per 100k here); a path it lacks is looked up."""
     racy_from = _time_ns() - RACY_WINDOW_NS
-    for rel, (ino, size, mtime_ns, digest) in proven.items():
+    for rel, ino, size, mtime_ns, digest in proven:
         seen = stats.get(rel) if stats is not None else None
         if seen is None:
             try:
@@ -1401,11 +1482,11 @@ def remember_digests(cache, proven, stats=None):
 def reread_digests(tree, reread):
     """remember_digests()'s `proven` for the reread files of a verify_tree() without problems
     (`tree`: its VerifiedTree)."""
-    proven = {}
+    proven = []
     for rel in reread:
         seen = tree.get(rel)
         if seen is not None:
-            proven[rel] = [seen[0], seen[1], seen[2], tree.digest(rel)]
+            proven.append((rel, seen[0], seen[1], seen[2], tree.digest(rel)))
     return proven
 
 
@@ -1793,7 +1874,7 @@ class Agent(object):
         self.out = out
         self.locks = {}
         self.hash_caches = {}
-        self.trusted = {}  # (root, algo) -> the `trusted` digests of the last manifest call, for verify's remember
+        self.trusted = {}  # (root, algo) -> the TrustedDigests of the last manifest call, for verify's remember
         self.keepalive = 30.0  # seconds between progress frames; the orchestrator sets it in hello
         self._send_lock = threading.Lock()
         self._release_lock = threading.Lock()  # serve() and watch_session() may both release
@@ -1852,11 +1933,12 @@ class Agent(object):
             report = _HashProgress(self, rid) if args.get("progress") else None
             use_cache = bool(args.get("cache", True))
             cache = self.hash_cache(root, args["algo"]) if use_cache else None
-            self.trusted[(root, args["algo"])] = args.get("trusted") or {}
+            trusted = TrustedDigests(**args["trusted"]) if args.get("trusted") else None
+            self.trusted[(root, args["algo"])] = trusted
             entries = build_manifest(
                 root, args["algo"], jobs=int(args.get("jobs", 2)), use_cache=use_cache,
                 hash_sections=set(hash_sections) if hash_sections is not None else None,
-                trusted=args.get("trusted"),
+                trusted=trusted,
                 progress=report.update if report else None,
                 progress_start=report.start if report else None,
                 cache=cache,
@@ -1945,8 +2027,9 @@ class Agent(object):
             # What the last manifest call trusted (the files staging linked: the orchestrator sent
             # them once, for the rescan), and what this call reread.
             live = dataset_dir(args["base_dir"], args["dataset"])
-            proven = dict(self.trusted.get((live, args["algo"])) or {})
-            proven.update(reread_digests(VerifiedTree(args["expected"], result["stats"]), reread))
+            trusted = self.trusted.get((live, args["algo"]))
+            proven = chain(trusted.items() if trusted else (),
+                           reread_digests(VerifiedTree(args["expected"], result["stats"]), reread))
             cache = self.hash_cache(live, args["algo"])
             remember_digests(cache, proven, VerifiedTree(args["expected"], result["stats"]))
             cache.save()

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import rig as rigmod
 import tomli_w
@@ -280,3 +281,12 @@ def cache_columns(entries: Mapping[str, tuple[bytes, str]]) -> dict[str, Any]:
     rels = sorted(entries)
     return {"paths": rels, "keys": b"".join(entries[rel][0] for rel in rels),
             "digests": b"".join(bytes.fromhex(entries[rel][1]) for rel in rels)}
+
+
+def trusted_digests(known: Mapping[str, Sequence[Any]], *, as_sent: bool = False) -> Any:
+    """engine.TrustedDigests of {relpath: (inode, size, mtime_ns, digest)}; `as_sent`: its columns
+    as a call's argument arrives in the agent (the keys base64 text, as the JSON encoder writes them)."""
+    paths = sorted(known)
+    trusted = engine.TrustedDigests(paths, b"".join(engine.TRUSTED_KEY.pack(*known[p][:3]) for p in paths),
+                                    [known[p][3] for p in paths])
+    return json.loads(msgspec.json.encode(trusted.columns())) if as_sent else trusted

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import cache_columns, cache_entries, loaded_cache
+from helpers import cache_columns, cache_entries, loaded_cache, trusted_digests
 
 from remote_agent import usrsync_agent as engine
 
@@ -363,9 +363,10 @@ class Dataset:
         return {e[0]: e[5] for e in entries}
 
     def remember(self, proven: dict[str, list], stats: dict[str, list] | None = None) -> None:
-        """engine.remember_digests on this dataset's cache, saved as its owner would."""
+        """engine.remember_digests on this dataset's cache ({relpath: [inode, size, mtime_ns,
+        digest]}), saved as its owner would."""
         cache = engine.HashCache(str(self.cache_dir), str(self.root), "sha256")
-        engine.remember_digests(cache, proven, stats)
+        engine.remember_digests(cache, [(rel, *known) for rel, known in proven.items()], stats)
         cache.save()
 
     def document(self) -> dict[str, Any]:
@@ -666,13 +667,15 @@ def test_unwritable_cache_dir_does_not_fail_the_scan(tmp_path: Path) -> None:
 def test_trusted_digest_used_only_when_the_inode_matches(tmp_path: Path) -> None:
     ds = Dataset(tmp_path)
     size, mtime_ns, _, ino = ds.key("_derived/a")
-    size_mtime = [size, mtime_ns]
-    assert ds.manifest(use_cache=False, trusted={"_derived/a": [ino, *size_mtime, FORGED]})["_derived/a"] == FORGED
-    assert ds.manifest(use_cache=False, trusted={"_derived/a": [ino + 1, *size_mtime, FORGED]})["_derived/a"] == sha(b"derived-a")
-    assert ds.manifest(use_cache=False, trusted={"other": [ino, *size_mtime, FORGED]})["_derived/a"] == sha(b"derived-a")
+
+    def scanned(path: str, known: list) -> str:
+        return ds.manifest(use_cache=False, trusted=trusted_digests({path: known}))["_derived/a"]
+
+    assert scanned("_derived/a", [ino, size, mtime_ns, FORGED]) == FORGED
+    assert scanned("_derived/a", [ino + 1, size, mtime_ns, FORGED]) == sha(b"derived-a")
+    assert scanned("other", [ino, size, mtime_ns, FORGED]) == sha(b"derived-a")
     # Same inode, but rewritten since it was verified: the trusted digest no longer applies.
-    stale = {"_derived/a": [ino, size, mtime_ns - 1, FORGED]}
-    assert ds.manifest(use_cache=False, trusted=stale)["_derived/a"] == sha(b"derived-a")
+    assert scanned("_derived/a", [ino, size, mtime_ns - 1, FORGED]) == sha(b"derived-a")
 
 
 def test_racy_file_is_rehashed_even_when_trusted_and_never_cached(tmp_path: Path) -> None:
@@ -680,8 +683,8 @@ def test_racy_file_is_rehashed_even_when_trusted_and_never_cached(tmp_path: Path
     ds = Dataset(tmp_path)
     write(ds.root, {"_derived/fresh": b"just written"}, mtime=None)
     size, mtime_ns, _, ino = ds.key("_derived/fresh")
-    size_mtime = [size, mtime_ns]
-    assert ds.manifest(trusted={"_derived/fresh": [ino, *size_mtime, FORGED]})["_derived/fresh"] == sha(b"just written")
+    trusted = trusted_digests({"_derived/fresh": [ino, size, mtime_ns, FORGED]})
+    assert ds.manifest(trusted=trusted)["_derived/fresh"] == sha(b"just written")
     assert "_derived/fresh" not in ds.cached()
 
 
@@ -690,7 +693,7 @@ def test_a_trusted_digest_serves_the_scan_and_is_not_cached(tmp_path: Path) -> N
     goes, so a key put now would be stale; the transfer remembers them after promotion."""
     ds = Dataset(tmp_path)
     size, mtime_ns, _, ino = ds.key("_derived/a")
-    assert ds.manifest(trusted={"_derived/a": [ino, size, mtime_ns, FORGED]})["_derived/a"] == FORGED  # not read
+    assert ds.manifest(trusted=trusted_digests({"_derived/a": [ino, size, mtime_ns, FORGED]}))["_derived/a"] == FORGED
     assert "_derived/a" not in ds.cached() and "records.parquet" in ds.cached()
 
 

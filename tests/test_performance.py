@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from helpers import REMOTE, load_audit, loaded_cache, local_sides
+from helpers import REMOTE, load_audit, loaded_cache, local_sides, trusted_digests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,7 +218,8 @@ def test_the_agent_loads_a_dataset_hash_cache_once_per_session(tmp_path: Path, m
     st = os.lstat(base / "ds" / "records.parquet")
     told = "f" * 64
     agent.handle({"id": 2, "call": "manifest",
-                  "args": {**args, "trusted": {"records.parquet": [st.st_ino, 4, st.st_mtime_ns, told]}}})
+                  "args": {**args, "trusted": trusted_digests(
+                      {"records.parquet": [st.st_ino, 4, st.st_mtime_ns, told]}, as_sent=True)}})
     expected = {"paths": ["_derived/a", "records.parquet"], "sizes": [1, 4], "digests": [sha(b"a"), sha(b"PAR1")]}
     agent.handle({"id": 3, "call": "verify", "args": {**args, "txid": "t", "subtree": "", "staging": False,
                                                        "expected": expected, "reread": ["_derived/a"],
@@ -250,7 +251,8 @@ def test_a_rescan_with_trusted_digests_leaves_the_cache_file_to_verify_s_remembe
     time.sleep(0.05)  # past the kernel's coarse clock tick, so that the link below moves the ctime
     os.link(primary, tmp_path / "staged")  # staging's hard link moves the ctime: a cache miss
     linked = os.lstat(primary)
-    trusted = {"records.parquet": [linked.st_ino, 4, linked.st_mtime_ns, sha(b"PAR1")]}
+    trusted = trusted_digests({"records.parquet": [linked.st_ino, 4, linked.st_mtime_ns, sha(b"PAR1")]},
+                              as_sent=True)
     agent.handle({"id": 2, "call": "manifest", "args": {**args, "trusted": trusted, "save_cache": False}})
     cache = agent.hash_caches[(str(base / "ds"), "sha256")]
     # The trusted digest was not put under the linked file's new key (it moves again when staging
@@ -583,17 +585,50 @@ def test_a_rescan_shares_the_entries_of_the_manifest_it_checks(tmp_path: Path, h
     write(root, {"_derived/d1/f04": b"changed"})
     trusted = None
     if how == "trusted":  # as after staging linked them: new ctimes, so the cache misses
-        trusted = {}
+        known = {}
         for e in before.entries:
             st = os.lstat(root / e.path)
             os.link(root / e.path, tmp_path / "link")
             os.unlink(tmp_path / "link")
-            trusted[e.path] = [st.st_ino, e.size, e.mtime_ns, e.digest]
+            known[e.path] = [st.st_ino, e.size, e.mtime_ns, e.digest]
+        trusted = trusted_digests(known)
     now = sync_mod.local_manifest(root, "sha256", cache_dir=cache_dir, trusted=trusted, before=before,
                                   use_cache=how != "hashed")
     assert now.entries == sync_mod.local_manifest(root, "sha256", use_cache=False).entries
     shared = {e.path for e, b in zip(now.entries, before.entries) if e is b}
     assert shared == {e.path for e in before.entries} - {"_derived/d1/f04"}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_trusted_digests_serve_whole_directories_and_single_files_alike(tmp_path: Path, use_cache: bool) -> None:
+    """A directory whose every file is vouched for takes the run path (one lookup of its keys);
+    one with a stale or an unvouched file takes the per-file path, where each file is judged
+    alone. Either way a digest is used exactly when the file's inode, size and mtime match, and
+    the cache keeps the old entries of the files trust served, to be replaced when remembered."""
+    root, cache_dir = tmp_path / "ds", tmp_path / "cache"
+    files = {f"_derived/d{d}/f{i:02d}": b"%d-%d" % (d, i) for d in range(3) for i in range(10)}
+    write(root, {"records.parquet": b"PAR1", **files})
+    engine.build_manifest(str(root), "sha256", cache_dir=str(cache_dir))
+    first = loaded_cache(engine.HashCache(str(cache_dir), str(root), "sha256"))
+    known, forged = {}, "f" * 64
+    for path in files:  # as staging's links do: the ctimes move, so the cache misses every one
+        os.link(root / path, tmp_path / "link")
+        os.unlink(tmp_path / "link")
+        st = os.lstat(root / path)
+        known[path] = [st.st_ino, st.st_size, st.st_mtime_ns, forged]
+    known["_derived/d1/f03"][2] -= 1  # rewritten since it was proved: its digest no longer applies
+    for i in range(0, 10, 2):
+        del known[f"_derived/d2/f{i:02d}"]  # not vouched for
+    served = {path for path, (ino, size, mtime_ns, _) in known.items() if mtime_ns == os.lstat(root / path).st_mtime_ns}
+    assert len(served) == 10 + 9 + 5
+    cache = engine.HashCache(str(cache_dir), str(root), "sha256") if use_cache else None
+    entries = engine.build_manifest(str(root), "sha256", use_cache=use_cache, cache=cache,
+                                    trusted=trusted_digests(known))
+    assert {e[0]: e[5] for e in entries} == {"records.parquet": sha(b"PAR1"), **{
+        path: forged if path in served else sha(data) for path, data in files.items()}}
+    if cache is not None:  # trusted files keep their entries as they were; the ones read are put anew
+        now = loaded_cache(cache)
+        assert {path for path in files if now[path] == first[path]} == served
 
 
 # --- hashing: small files in this thread, large ones on the pool -----------------------------------

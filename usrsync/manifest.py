@@ -173,7 +173,7 @@ def local_manifest(
     use_cache: bool = True,
     cache_dir: Path | None = None,
     hash_sections: set[str] | None = None,
-    trusted: dict[str, list] | None = None,
+    trusted: engine.TrustedDigests | None = None,
     progress: HashProgress | None = None,
     cancelled: threading.Event | None = None,
     cache: engine.HashCache | None = None,

@@ -213,13 +213,14 @@ class RemoteSession:
 
     async def changed_since(self, dataset: str, before: Manifest, *, jobs: int, use_cache: bool,
                             hash_sections: set[str] | None = None,
-                            trusted: dict[str, list] | None = None, save_cache: bool = True) -> Manifest | None:
+                            trusted: engine.TrustedDigests | None = None, save_cache: bool = True) -> Manifest | None:
         """The manifest now, or None when the agent's digest of it is still `before`'s: nothing
         changed, and no entries cross the wire or need decoding. `trusted`: as build_manifest's.
         `save_cache` false: the agent leaves its hash cache for a later call to save."""
         args = self._args(dataset, algo=before.algo, jobs=jobs, cache=use_cache,
                           hash_sections=sorted(hash_sections) if hash_sections is not None else None,
-                          trusted=trusted, save_cache=save_cache, progress=False, known=before.digest)
+                          trusted=trusted.columns() if trusted else None, save_cache=save_cache, progress=False,
+                          known=before.digest)
         async def entries_before() -> list[Entry]:
             return before.entries
 

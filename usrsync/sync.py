@@ -292,7 +292,7 @@ class Run:
         return functools.partial(hook, side) if hook else None
 
     async def _local_manifest(self, policy: Policy, *, algo: str | None = None,
-                              trusted: dict[str, list] | None = None, before: Manifest | None = None,
+                              trusted: engine.TrustedDigests | None = None, before: Manifest | None = None,
                               cancelled: threading.Event | None = None, progress: bool = True) -> Manifest:
         algo = algo or self.algo
         report = self._hash_progress("local") if progress else None
@@ -499,7 +499,7 @@ class Run:
                                     "nothing was promoted; rerun the same command")
 
     async def _changed_since(self, policy: Policy, side: str, before: Manifest,
-                             trusted: dict[str, list] | None = None, save_cache: bool = True) -> Manifest | None:
+                             trusted: engine.TrustedDigests | None = None, save_cache: bool = True) -> Manifest | None:
         """`side`'s manifest now, or None when the agent proved it unchanged by digest.
         `save_cache` false: the agent leaves its cache to a later call (this side's is saved when
         the run ends anyway)."""
@@ -513,26 +513,25 @@ class Run:
 
     async def _check_before_promotion(self, policy: Policy, plan: TransferPlan, expected: ExpectedTree,
                                       verifying: Awaitable[VerifyReply], where: str, source: tuple[str, Manifest],
-                                      dest: tuple[str, Manifest]) -> tuple[VerifyReply, dict[str, list]]:
+                                      dest: tuple[str, Manifest]) -> tuple[VerifyReply, engine.TrustedDigests | None]:
         """Verify the staged copy and scan both sides again, then refuse to promote when any of it
         fails: a source that changed while we copied it may have given a torn snapshot, and a
         destination write since its manifest would be lost in the exchange or left unaccounted for.
         The source is scanned while the destination side verifies, then scans itself.
         Returns the verification and the digests of the files staging linked (`linked_digests`)."""
         (source_side, source_before), (dest_side, dest_before) = source, dest
-        linked: dict[str, list] = {}
 
-        async def verified_then_rescanned() -> tuple[VerifyReply, Manifest | None]:
+        async def verified_then_rescanned() -> tuple[VerifyReply, engine.TrustedDigests | None, Manifest | None]:
             result = await verifying
             if result.problems:
-                return result, None  # refused anyway: no need to know more about the destination
+                return result, None, None  # refused anyway: no need to know more about the destination
             # Staging linked these files, which changed their ctime and so their hash cache key:
             # the rescan trusts their digests (and puts no key, which would move again when staging
             # goes); after promotion, verify's remember (push) or the end of the run (pull) keeps them.
-            linked.update(linked_digests(plan, engine.VerifiedTree(expected.columns(), result.stats)))
-            return result, await self._changed_since(policy, dest_side, dest_before, linked, save_cache=False)
+            linked = linked_digests(plan, engine.VerifiedTree(expected.columns(), result.stats))
+            return result, linked, await self._changed_since(policy, dest_side, dest_before, linked, save_cache=False)
 
-        (result, dest_now), source_now = await asyncio.gather(
+        (result, linked, dest_now), source_now = await asyncio.gather(
             verified_then_rescanned(), self._changed_since(policy, source_side, source_before))
         # A source changed under rsync also fails verification: name that cause first.
         if source_now is not None and not same_files(source_now.entries, source_before.entries, policy):
@@ -572,8 +571,8 @@ class Run:
             check = await asyncio.to_thread(verify_local, str(live), expected, [], self.algo, plan.subtree)
             self._post(policy, plan, local, remote, result, check.problems)
             if self.options.use_cache:  # the staged inodes are live now: the next scan need not read them
-                proven = {**linked, **engine.reread_digests(engine.VerifiedTree(expected.columns(), result.stats),
-                                                            plan.reread)}
+                proven = itertools.chain(linked.items() if linked else (), engine.reread_digests(
+                    engine.VerifiedTree(expected.columns(), result.stats), plan.reread))
                 await asyncio.to_thread(lambda: engine.remember_digests(
                     self._hash_cache(self.algo), proven, engine.VerifiedTree(expected.columns(), check.stats)))
         finally:
@@ -651,15 +650,19 @@ def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: Trans
     return True
 
 
-def linked_digests(plan: TransferPlan, staged: engine.VerifiedTree) -> dict[str, list]:
+def linked_digests(plan: TransferPlan, staged: engine.VerifiedTree) -> engine.TrustedDigests:
     """build_manifest's `trusted` for the files staging hard-linked: each one's digest from the
     manifest that planned the link, while its inode (as staged) still has that size and mtime."""
-    trusted = {}
+    paths: list[str] = []
+    keys = bytearray()
+    digests: list[str] = []
     for entry in plan.kept_entries():
         stat = staged.get(entry.path)
         if stat is not None and entry.digest and stat[1:3] == (entry.size, entry.mtime_ns):
-            trusted[entry.path] = [stat[0], entry.size, entry.mtime_ns, entry.digest]
-    return trusted
+            paths.append(entry.path)
+            keys += engine.TRUSTED_KEY.pack(stat[0], entry.size, entry.mtime_ns)
+            digests.append(entry.digest)
+    return engine.TrustedDigests(paths, keys, digests)
 
 
 def rsync_batches(entries: list[tuple[str, int]]) -> list[list[str]]:
