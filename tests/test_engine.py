@@ -1161,6 +1161,28 @@ def test_stage_seeds_hard_links(base: Path) -> None:
         assert (staging / rel).stat().st_ino == (base / DATASET / rel).stat().st_ino
 
 
+def test_stage_links_files_of_directories_met_again_and_of_any_name(base: Path) -> None:
+    """Path order leaves a directory's files on both sides of its subdirectories' (a/b/x,
+    a/b/c/z, a/b/y): each run is linked relative to its directories, whatever the names."""
+    files = {"a/b/x": b"x", "a/b/c/z": b"z", "a/b/y": b"y", "a/b/\u00e9t\u00e9.bin": b"e", "top.txt": b"t"}
+    write(base / DATASET, files)
+    link = sorted(files)
+    staging = staged(base, link)
+    assert tree(staging) == files
+    assert all((staging / rel).stat().st_ino == (base / DATASET / rel).stat().st_ino for rel in link)
+
+
+def test_stage_refuses_a_live_directory_swapped_for_a_symlink(base: Path, tmp_path: Path) -> None:
+    """A directory replaced by a symlink since the scan is not followed: nothing elsewhere is linked."""
+    elsewhere = tmp_path / "elsewhere"
+    write(elsewhere, {"a": b"secret"})
+    shutil.rmtree(base / DATASET / "_derived" / "ns")
+    os.symlink(elsewhere, base / DATASET / "_derived" / "ns")
+    with pytest.raises(OSError):
+        engine.stage(str(base), DATASET, TXID, ["_derived/ns/a"])
+    assert (elsewhere / "a").stat().st_nlink == 1
+
+
 @pytest.mark.parametrize(("rel", "why"), [("../escape", "'.', '..' or empty component"),
                                           ("/etc/passwd", "absolute path")])
 def test_stage_refuses_unsafe_paths(base: Path, rel: str, why: str) -> None:
