@@ -262,7 +262,25 @@ def _run_at(paths, cursor, relpaths):
     return i if paths[i:i + len(relpaths)] == list(relpaths) else None
 
 
-class HashCache(object):
+class _ByPath(object):
+    """Columns in the order of their sorted `paths`, looked up by path: in path order, the way
+    scans and verifications make their lookups, one comparison at a cursor; otherwise a bisection."""
+
+    def __init__(self, paths):
+        self.paths = paths
+        self._cursor = 0
+
+    def _index(self, rel):
+        i = self._cursor
+        if i >= len(self.paths) or self.paths[i] != rel:
+            i = bisect.bisect_left(self.paths, rel)
+            if i == len(self.paths) or self.paths[i] != rel:
+                return None
+        self._cursor = i + 1
+        return i
+
+
+class HashCache(_ByPath):
     """Digests of settled files by relpath and cache_key(), one file per dataset and algo.
 
     Three columns, sorted by path: `paths` (unique), `keys` (the packed keys, KEY_SIZE bytes each,
@@ -288,12 +306,12 @@ class HashCache(object):
         self.algo = algo
         self.width = DIGEST_SIZES[algo]
         self.path = self.path_for(cache_dir, root, algo)
-        self.paths, self.keys, self.digests = [], b"", b""
+        _ByPath.__init__(self, [])
+        self.keys, self.digests = b"", b""
         self.dirty = False
         self.loaded_ok = False
         self._kept = None  # during a scan: a byte per entry, set when get() finds it unchanged
         self._added = ([], bytearray(), bytearray())  # put() since the last finish: path, key, digest columns
-        self._cursor = 0
         for cache_format in CACHE_FORMATS_READ:
             columns = self._read(self.path_for(cache_dir, root, algo, cache_format), cache_format)
             if columns is not None:
@@ -433,6 +451,26 @@ class HashCache(object):
             keys += key
             digests += raw
 
+    def update(self, relpath, key, digest):
+        """put() outside a scan, at once where it can be: a path the columns hold gets the new key
+        and digest in place (a transfer remembers nearly every file it verified again, and a
+        million of them queued first held ~60 MB more); a new path waits for add()."""
+        i = self._index(relpath)
+        raw = self._raw(digest)
+        if i is None or raw is None:
+            self.put(relpath, key, digest)
+            return
+        self._mutable()
+        self.paths[i] = relpath  # the putter's string, which its manifest entry holds: one copy of each path
+        self.keys[i * KEY_SIZE:(i + 1) * KEY_SIZE] = key
+        self.digests[i * self.width:(i + 1) * self.width] = raw
+        self.dirty = True
+
+    def _mutable(self):
+        """Columns that take changes in place (loaded ones are bytes): copied once, not per apply."""
+        if type(self.keys) is not bytearray:
+            self.keys, self.digests = bytearray(self.keys), bytearray(self.digests)
+
     def add(self, items):
         """Put (relpath, key, hex digest) items outside a scan, every other entry kept."""
         for rel, key, digest in items:
@@ -468,10 +506,11 @@ class HashCache(object):
             self.keys = b"".join(added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE] for j in adds)
             self.digests = b"".join(added_digests[j * width:(j + 1) * width] for j in adds)
             return
-        # A put for a path the columns hold replaces its key and digest in place (what a transfer
-        # remembers: every linked and copied file again); only new paths make new columns.
+        # A put for a path the columns hold replaces its key and digest in place (a file a scan
+        # hashed again); only new paths make new columns.
         if adds:
-            keys, digests = bytearray(keys), bytearray(digests)
+            self._mutable()
+            keys, digests = self.keys, self.digests
         fresh = []
         replaced = []
         i = 0
@@ -1399,24 +1438,6 @@ def verify_tree(root, expected, reread, algo, subtree=""):
 TREE_STAT = struct.Struct("<Qqq")
 
 
-class _ByPath(object):
-    """Columns in the order of their sorted `paths`, looked up by path: in path order, the way
-    scans and verifications make their lookups, one comparison at a cursor; otherwise a bisection."""
-
-    def __init__(self, paths):
-        self.paths = paths
-        self._cursor = 0
-
-    def _index(self, rel):
-        i = self._cursor
-        if i >= len(self.paths) or self.paths[i] != rel:
-            i = bisect.bisect_left(self.paths, rel)
-            if i == len(self.paths) or self.paths[i] != rel:
-                return None
-        self._cursor = i + 1
-        return i
-
-
 class VerifiedTree(_ByPath):
     """The expected columns of a verify_tree() call and the stats it packed: each file's
     (inode, size, mtime_ns, ctime_ns) and digest, found by path."""
@@ -1509,8 +1530,8 @@ def remember_digests(cache, proven, stats=None):
         now_ino, now_size, now_mtime_ns, now_ctime_ns = seen
         key = cache_key((now_size, now_mtime_ns, now_ctime_ns, now_ino))
         if (now_ino, now_size, now_mtime_ns) == (ino, size, mtime_ns) and mtime_ns < racy_from and key is not None:
-            cache.put(rel, key, digest)  # into the cache's columns: no list of (path, key, digest) tuples
-    cache.add(())
+            cache.update(rel, key, digest)
+    cache.add(())  # the paths it did not hold yet
 
 
 def reread_digests(tree, reread):

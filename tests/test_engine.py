@@ -910,6 +910,24 @@ def test_remembered_digests_take_their_keys_from_the_live_trees_check(tmp_path: 
     assert ds.manifest()["_derived/a"] == sha(b"a")  # the stats' key is not the file's: read again
 
 
+def test_an_update_replaces_a_held_entry_in_place_and_queues_a_new_path(tmp_path: Path) -> None:
+    """What a transfer remembers is nearly always a path the cache holds: its key and digest are
+    replaced where they are, and only a new path waits for add() to merge it in path order."""
+    ds = Dataset(tmp_path, {"records.parquet": b"PAR1", "_derived/a": b"a", "_derived/c": b"c"})
+    ds.manifest()
+    cache = engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")
+    held, new = engine.CACHE_KEY.pack(1, 2, 3, 4), engine.CACHE_KEY.pack(5, 6, 7, 8)
+    cache.update("_derived/a", held, FORGED)
+    cache.update("_derived/b", new, FORGED)
+    assert cache._added[0] == ["_derived/b"] and cache.dirty
+    assert loaded_cache(cache)["_derived/a"] == (held, FORGED)
+    cache.add(())
+    cache.save()
+    assert loaded_cache(engine.HashCache(str(ds.cache_dir), str(ds.root), "sha256")) == {
+        "records.parquet": loaded_cache(cache)["records.parquet"], "_derived/a": (held, FORGED),
+        "_derived/b": (new, FORGED), "_derived/c": loaded_cache(cache)["_derived/c"]}
+
+
 @pytest.mark.parametrize("stale", ["inode", "size", "mtime"])
 def test_a_file_changed_since_its_reread_is_not_remembered(tmp_path: Path, stale: str) -> None:
     ds = Dataset(tmp_path)
