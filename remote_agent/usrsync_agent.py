@@ -1328,7 +1328,9 @@ def stage(base_dir, dataset, txid, link, subtree=""):
                 if dirs is None or dirs[0] != parent:
                     _close_dirs(dirs)
                     dirs = None
-                    live_fd = os.open(fs_path(source, parent) if parent else source, _SUBDIR_FLAGS)
+                    # The dataset's own directory may be a symlink (to a scratch disk, say), as
+                    # for the walk; one below it may not.
+                    live_fd = os.open(fs_path(source, parent), _SUBDIR_FLAGS) if parent else os.open(source, _DIR_FLAGS)
                     try:
                         dirs = (parent, live_fd, os.open(fs_path(staging, parent) if parent else staging, _DIR_FLAGS))
                     except OSError:

@@ -1190,6 +1190,16 @@ def test_stage_links_files_of_directories_met_again_and_of_any_name(base: Path) 
     assert all((staging / rel).stat().st_ino == (base / DATASET / rel).stat().st_ino for rel in link)
 
 
+def test_stage_follows_a_dataset_directory_that_is_a_symlink(base: Path, tmp_path: Path) -> None:
+    """Datasets kept on another disk are often linked into the root: that one symlink is followed."""
+    scratch = tmp_path / "scratch"
+    (base / DATASET).rename(scratch)
+    os.symlink(scratch, base / DATASET)
+    staging = staged(base, ["meta.md", "_derived/ns/a"])
+    assert (staging / "meta.md").stat().st_ino == (scratch / "meta.md").stat().st_ino
+    assert (staging / "_derived/ns/a").stat().st_ino == (scratch / "_derived/ns/a").stat().st_ino
+
+
 def test_stage_refuses_a_live_directory_swapped_for_a_symlink(base: Path, tmp_path: Path) -> None:
     """A directory replaced by a symlink since the scan is not followed: nothing elsewhere is linked."""
     elsewhere = tmp_path / "elsewhere"
