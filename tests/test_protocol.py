@@ -8,6 +8,7 @@ so a decoder that hangs fails the test instead of blocking it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import struct
@@ -99,6 +100,28 @@ def test_agent_side_reads_what_the_orchestrator_writes(value: Any) -> None:
     stream = io.BytesIO(protocol.encode_request(3, "hello", {"v": value}))
     assert engine.read_frame(stream) == {"id": 3, "call": "hello", "args": {"v": value}}
     assert engine.read_frame(stream) is None  # clean end of stream
+
+
+def test_a_large_request_goes_compressed_and_the_agent_reads_it() -> None:
+    """A push's verification of a million files sends their paths, sizes and digests (~70 MB of
+    JSON): compressed, it fits the agent's frame limit."""
+    expected = {"paths": [f"_derived/d{i // 1000:04d}/part-{i:07d}" for i in range(1_000_000)],
+                "sizes": [i % 4096 for i in range(1_000_000)],
+                "digests": [hashlib.md5(b"%d" % i).hexdigest() for i in range(1_000_000)]}
+    frame = protocol.encode_request(7, "verify", {"expected": expected})
+    size, flags = protocol.HEADER.unpack_from(frame)
+    assert flags == engine.FLAG_ZLIB and size == len(frame) - protocol.HEADER.size < protocol.MAX_FRAME
+    assert engine.read_frame(io.BytesIO(frame)) == {"id": 7, "call": "verify", "args": {"expected": expected}}
+    small = protocol.encode_request(8, "hello", {"v": 1})
+    assert protocol.HEADER.unpack_from(small)[1] == 0  # small ones as they are
+
+
+def test_a_request_over_the_frame_limit_is_refused_before_it_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "MAX_FRAME", 1 << 10)
+    with pytest.raises(ProtocolError) as info:
+        protocol.encode_request(9, "verify", {"digests": [hashlib.md5(b"%d" % i).hexdigest() for i in range(100_000)]})
+    assert info.value.message == "the verify request is 3 MiB, over what one call to the agent carries"
+    assert info.value.exit_code == 3
 
 
 # --- garbage ----------------------------------------------------------------------------------
