@@ -46,6 +46,7 @@ SENTINEL = "USRSYNC-AGENT"
 READ_CHUNK = 1 << 20
 MAX_FRAME = 64 << 20  # compressed bytes on the wire
 MAX_FRAME_RAW = 256 << 20  # after decompression
+COMPRESS_OVER = 1 << 20  # a reply this large goes compressed (a verification's stats: 32 bytes a file)
 CHUNK_ENTRIES = 5000
 CHUNK_SPLIT = 1024  # a manifest chunk holds ~1000 entries on average: see manifest_chunks()
 RACY_WINDOW_NS = 2 * 10**9  # git's racy-clean rule
@@ -1944,7 +1945,8 @@ class Agent(object):
         return self.hash_caches[key]
 
     def send(self, obj, compress=False):
-        self.send_body(json.dumps(obj, separators=(",", ":")).encode("utf-8"), compress)
+        body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        self.send_body(body, compress or len(body) > COMPRESS_OVER)
 
     def send_body(self, body, compress=False):
         data = encode_body(body, compress)

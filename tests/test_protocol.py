@@ -8,9 +8,11 @@ so a decoder that hangs fails the test instead of blocking it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
+import os
 import struct
 import zlib
 from typing import Any
@@ -114,6 +116,16 @@ def test_a_large_request_goes_compressed_and_the_agent_reads_it() -> None:
     assert engine.read_frame(io.BytesIO(frame)) == {"id": 7, "call": "verify", "args": {"expected": expected}}
     small = protocol.encode_request(8, "hello", {"v": 1})
     assert protocol.HEADER.unpack_from(small)[1] == 0  # small ones as they are
+
+
+async def test_a_large_reply_goes_compressed_and_the_orchestrator_reads_it() -> None:
+    """A push's check of a million promoted files answers with their packed stats (~32 MB)."""
+    out = io.BytesIO()
+    stats = base64.b64encode(os.urandom(3 << 20)).decode("ascii")
+    engine.Agent(out).send({"id": 4, "type": "result", "result": {"stats": stats}})
+    frame = out.getvalue()
+    assert protocol.HEADER.unpack_from(frame)[1] == engine.FLAG_ZLIB
+    assert (await decode(frame)).result == {"stats": stats}
 
 
 def test_a_request_over_the_frame_limit_is_refused_before_it_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,16 +53,14 @@ class AgentCallError(RemoteError):
         self.agent_message = body.message
 
 
-# A request over this size goes zlib-compressed: the staged tree a push's verification checks
-# (~70 bytes of JSON per file) and the digests its rescan trusts (~100) pass 64 MiB at about
-# 900k and 650k files; compressed, they fit up to about two million.
-COMPRESS_REQUEST_OVER = 1 << 20
-
-
 def encode_request(rid: int, call: str, args: dict[str, Any]) -> bytes:
+    """A request frame; one over engine.COMPRESS_OVER goes zlib-compressed, as the agent's replies
+    do: the staged tree a push's verification checks (~70 bytes of JSON per file) and the digests
+    its rescan trusts (~100) pass the 64 MiB frame limit at about 900k and 650k files;
+    compressed, they fit up to about two million."""
     body = msgspec.json.encode({"id": rid, "call": call, "args": args})
     flags = 0
-    if len(body) > COMPRESS_REQUEST_OVER:
+    if len(body) > engine.COMPRESS_OVER:
         raw = len(body)
         if raw <= MAX_FRAME_RAW:
             body = zlib.compress(body, 1)
