@@ -440,39 +440,32 @@ class Bench:
                                  "MB", [peaks["usr"]], [peaks["agent"]], "", absolute=True,
                                  note=f"{how}; empty files (the memory is per entry); peaks sampled every 20 ms"))
         # A transfer holds more than a diff: the plan, the verification of the staged copy and
-        # of the promoted tree, and what the digests it proved are remembered under.
-        changed = range(0, n, 100)
-        for i in changed:
-            (remote / "_derived" / f"d{i // 1000:04d}" / f"part-{i:07d}").write_bytes(b"x")
-        self.log(f"S6 as a run: usr pull of {len(changed):,} changed files, polling both processes' peak RSS")
-        started = time.perf_counter()
-        peaks, data = self.usr_peaks("pull", "s6", "small", self.small / "local")
-        seconds = time.perf_counter() - started
-        if data["transfer"]["files"] != len(changed) or not data["post"]["in_sync"]:
-            raise RuntimeError(f"S6 as a run: the pull moved {data['transfer']['files']} files, "
-                               f"expected {len(changed)}, in sync: {data['post']['in_sync']}")
-        self.rows.append(Row(f"S6 as a run: `usr pull` of 1% of {n:,} files, changed", "`usr` peak RSS",
-                             "agent peak RSS", "MB", [peaks["usr"]], [peaks["agent"]], "", absolute=True,
-                             note=f"verified (staged copy and promoted tree) and promoted in {seconds:.1f} s; "
-                                  "caches warm; peaks sampled every 20 ms"))
-        # The push sends the staged tree to verify, and the digests its rescan trusts, in one call
-        # each: a million files make the largest requests the agent gets.
-        local = self.small / "local" / "s6"
-        for i in range(50, n, 100):
-            (local / "_derived" / f"d{i // 1000:04d}" / f"part-{i:07d}").write_bytes(b"y")
-        self.log(f"S6 as a run: usr push of {len(changed):,} changed files, polling both processes' peak RSS")
-        started = time.perf_counter()
-        peaks, data = self.usr_peaks("push", "s6", "small", self.small / "local")
-        seconds = time.perf_counter() - started
-        if data["transfer"]["files"] != len(changed) or not data["post"]["in_sync"]:
-            raise RuntimeError(f"S6 as a run: the push moved {data['transfer']['files']} files, "
-                               f"expected {len(changed)}, in sync: {data['post']['in_sync']}")
-        self.rows.append(Row(f"S6 as a run: `usr push` of 1% of {n:,} files, changed", "`usr` peak RSS",
-                             "agent peak RSS", "MB", [peaks["usr"]], [peaks["agent"]], "", absolute=True,
-                             note=f"staged, verified, promoted and re-verified on the remote in {seconds:.1f} s; "
-                                  "caches warm; peaks sampled every 20 ms"))
+        # of the promoted tree, and what the digests it proved are remembered under. A push also
+        # sends the staged tree to verify, and the digests its rescan trusts, in one call each: a
+        # million files make the largest requests the agent gets.
+        self.s6_transfer("pull", remote, 0, "verified (staged copy and promoted tree) and promoted")
+        self.s6_transfer("push", self.small / "local" / "s6", 50,
+                         "staged, verified, promoted and re-verified on the remote")
         shutil.rmtree(remote)
         shutil.rmtree(self.small / "local" / "s6")
+
+    def s6_transfer(self, action: str, source: Path, first: int, how: str) -> None:
+        """Change every 100th file of the S6 tree in `source` (from `first` on), then time `usr
+        action` and sample both processes' peak RSS."""
+        n = self.scale.s6_run_files
+        changed = range(first, n, 100)
+        for i in changed:
+            (source / "_derived" / f"d{i // 1000:04d}" / f"part-{i:07d}").write_bytes(action.encode())
+        self.log(f"S6 as a run: usr {action} of {len(changed):,} changed files, polling both processes' peak RSS")
+        started = time.perf_counter()
+        peaks, data = self.usr_peaks(action, "s6", "small", self.small / "local")
+        seconds = time.perf_counter() - started
+        if data["transfer"]["files"] != len(changed) or not data["post"]["in_sync"]:
+            raise RuntimeError(f"S6 as a run: the {action} moved {data['transfer']['files']} files, "
+                               f"expected {len(changed)}, in sync: {data['post']['in_sync']}")
+        self.rows.append(Row(f"S6 as a run: `usr {action}` of 1% of {n:,} files, changed", "`usr` peak RSS",
+                             "agent peak RSS", "MB", [peaks["usr"]], [peaks["agent"]], "", absolute=True,
+                             note=f"{how} in {seconds:.1f} s; caches warm; peaks sampled every 20 ms"))
 
     def usr_peaks(self, action: str, dataset: str, remote: str, root: Path) -> tuple[dict[str, float], dict[str, Any]]:
         """Run usr like usr() while sampling the peak RSS (VmHWM) of it and of the remote agent."""
