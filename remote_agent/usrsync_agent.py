@@ -412,13 +412,9 @@ class HashCache(_ByPath):
     def keep(self, relpath):
         """Keep relpath's entry though get() just found its key changed: a digest known otherwise
         stands in for it this scan (see build_manifest's `trusted`). Never served: a key must match."""
-        paths = self.paths
-        i = self._cursor - 1
-        if i < 0 or i >= len(paths) or paths[i] != relpath:
-            i = bisect.bisect_left(paths, relpath)
-            if i >= len(paths) or paths[i] != relpath:
-                return
-        self._kept[i] = 1
+        i = self._index(relpath)
+        if i is not None:
+            self._kept[i] = 1
 
     def get_run(self, relpaths, keys):
         """get() of a run of path-sorted files at once, their keys joined: (the cache's path
@@ -461,16 +457,18 @@ class HashCache(_ByPath):
         if i is None or raw is None:
             self.put(relpath, key, digest)
             return
-        self._mutable()
-        self.paths[i] = relpath  # the putter's string, which its manifest entry holds: one copy of each path
-        self.keys[i * KEY_SIZE:(i + 1) * KEY_SIZE] = key
-        self.digests[i * self.width:(i + 1) * self.width] = raw
+        self._replace(i, relpath, key, raw)
         self.dirty = True
 
-    def _mutable(self):
-        """Columns that take changes in place (loaded ones are bytes): copied once, not per apply."""
+    def _replace(self, i, relpath, key, raw):
+        """Entry i takes a new key and raw digest in place (the columns are made mutable once: loaded
+        ones are bytes), and the putter's path string, which its manifest entry holds: one copy of
+        each path."""
         if type(self.keys) is not bytearray:
             self.keys, self.digests = bytearray(self.keys), bytearray(self.digests)
+        self.paths[i] = relpath
+        self.keys[i * KEY_SIZE:(i + 1) * KEY_SIZE] = key
+        self.digests[i * self.width:(i + 1) * self.width] = raw
 
     def add(self, items):
         """Put (relpath, key, hex digest) items outside a scan, every other entry kept."""
@@ -509,9 +507,6 @@ class HashCache(_ByPath):
             return
         # A put for a path the columns hold replaces its key and digest in place (a file a scan
         # hashed again); only new paths make new columns.
-        if adds:
-            self._mutable()
-            keys, digests = self.keys, self.digests
         fresh = []
         replaced = []
         i = 0
@@ -520,15 +515,14 @@ class HashCache(_ByPath):
             if i >= len(paths) or paths[i] != path:
                 i = bisect.bisect_left(paths, path, i)  # the puts are in path order: from the cursor on
             if i < len(paths) and paths[i] == path:
-                paths[i] = path  # the putter's string, which its manifest entry holds: one copy of each path
-                keys[i * KEY_SIZE:(i + 1) * KEY_SIZE] = added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE]
-                digests[i * width:(i + 1) * width] = added_digests[j * width:(j + 1) * width]
+                self._replace(i, path, added_keys[j * KEY_SIZE:(j + 1) * KEY_SIZE],
+                              added_digests[j * width:(j + 1) * width])
                 if removed:
                     replaced.append(i)
                 i += 1
             else:
                 fresh.append(j)
-        self.keys, self.digests = keys, digests
+        keys, digests = self.keys, self.digests
         if removed and replaced:  # a scan's changed file: not met unchanged, but put again
             replaced = set(replaced)
             removed = [i for i in removed if i not in replaced]
@@ -925,9 +919,9 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 if cached is not None:
                     entry[0], digest = cached  # the cache's path string: the scan's goes with the batch
                 elif trusted and not racy:
-                    known = trusted.get(rel)
-                    if known is not None and known[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
-                        digest = known[3]
+                    vouched = trusted.get(rel)
+                    if vouched is not None and vouched[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
+                        digest = vouched[3]
                         if key is not None:
                             cache.keep(rel)  # its entry stays, to be replaced in place when it is remembered
                 if digest is not None:

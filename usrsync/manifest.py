@@ -60,7 +60,7 @@ class Manifest(msgspec.Struct):
 
     def below(self, prefix: str) -> Iterator[Entry]:
         """The entries below a directory given as "dir/" ("" = all), in order, without a copy."""
-        return itertools.islice(self.entries, *prefix_bounds(self.entries, prefix, key=entry_path))
+        return entries_below(self.entries, prefix)
 
 
 class ExpectedTree(msgspec.Struct):
@@ -73,6 +73,11 @@ class ExpectedTree(msgspec.Struct):
 
     def columns(self) -> dict[str, list]:
         return msgspec.structs.asdict(self)
+
+
+def entries_below(entries: list[Entry], prefix: str) -> Iterator[Entry]:
+    """The path-sorted entries below a directory given as "dir/" ("" = all), in order, without a copy."""
+    return itertools.islice(entries, *prefix_bounds(entries, prefix, key=entry_path))
 
 
 def prefix_bounds(items: list, prefix: str, key: Callable | None = None) -> tuple[int, int]:

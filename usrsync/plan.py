@@ -14,7 +14,7 @@ import msgspec
 from usrsync.compare import Comparison, Policy
 from usrsync.dataset import EVENTS, PRIMARY, classify
 from usrsync.errors import RefusedError, UsrError
-from usrsync.manifest import Entry, ExpectedTree, entry_path, prefix_bounds
+from usrsync.manifest import Entry, ExpectedTree, entries_below, entry_path, prefix_bounds
 
 Direction = Literal["pull", "push"]
 _size = operator.attrgetter("size")
@@ -85,22 +85,20 @@ class TransferPlan(msgspec.Struct, kw_only=True):
 
     def expected(self) -> Iterator[Entry]:
         """The staged tree, exactly (live/<subtree> after promotion), in path order."""
-        return self._below(self.after)
+        return entries_below(self.after, self.prefix)
 
     def kept_entries(self) -> Iterator[Entry]:
         """The destination's files below the subtree that stay as they are (every one of a section
         out of scope), in path order: hard-linked into staging."""
-        return (e for e in self._below(self.before) if e.path not in self.replaced)
+        return (e for e in entries_below(self.before, self.prefix) if e.path not in self.replaced)
 
     def kept(self) -> Iterator[str]:
         """The paths of kept_entries()."""
-        return itertools.filterfalse(self.replaced.__contains__, map(entry_path, self._below(self.before)))
+        below = entries_below(self.before, self.prefix)
+        return itertools.filterfalse(self.replaced.__contains__, map(entry_path, below))
 
     def link(self) -> list[str]:
         return list(self.kept())
-
-    def _below(self, files: list[Entry]) -> Iterator[Entry]:
-        return itertools.islice(files, *prefix_bounds(files, self.prefix, key=entry_path))
 
     def expected_tree(self) -> ExpectedTree:
         """`expected()` as verify_tree checks it: three columns, no object per file."""

@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -622,32 +622,28 @@ class Run:
                                     "rerun the same command; if it persists, something else writes there")
 
 
-def files_of(entries: list[Entry], policy: Policy | None = None) -> list[tuple[str, int, str]]:
+def files_of(entries: Iterable[Entry], policy: Policy | None = None) -> Iterator[tuple[str, int, str]]:
     """(path, size, digest) of the files among `entries`, in order; those in `policy`'s scope when given."""
     sections = SECTIONS if policy is None else {s for s in SECTIONS if policy.in_scope(s)}
-    return [(e.path, e.size, e.digest) for e in entries if e.kind == KIND_FILE and e.section in sections]
+    return ((e.path, e.size, e.digest) for e in entries if e.kind == KIND_FILE and e.section in sections)
 
 
-def same_files(a: list[Entry], b: list[Entry], policy: Policy | None = None) -> bool:
-    """Whether two path-sorted entry lists hold the same files (in `policy`'s scope when given), by
-    content. Identical entries (mtimes included) are: the usual case costs one C-level pass."""
-    return a == b or files_of(a, policy) == files_of(b, policy)
+def same_files(a: Iterable[Entry], b: Iterable[Entry], policy: Policy | None = None) -> bool:
+    """Whether two path-sorted runs of entries hold the same files (in `policy`'s scope when given),
+    by content. Identical lists (mtimes included) are: the usual case costs one C-level pass.
+    Others are compared as streams: at a million files, lists of (path, size, digest) took ~150 MB."""
+    if a == b:
+        return True
+    end = object()
+    return all(x == y for x, y in itertools.zip_longest(files_of(a, policy), files_of(b, policy), fillvalue=end))
 
 
 def in_sync_after_promotion(dest_before: Manifest, source: Manifest, plan: TransferPlan, policy: Policy) -> bool:
     """Whether the destination's in-scope files equal the source's once `plan` is promoted and its
     directory checked: outside the subtree as its manifest showed them (rescanned right before the
     exchange, which touches nothing else), below it exactly `plan.expected()`."""
-    if not same_files(dest_before.outside(plan.prefix), source.outside(plan.prefix), policy):
-        return False
-    # Below it, as streams: at a million files, lists of (path, size, digest) took ~150 MB here.
-    promoted = (e for e in plan.expected() if policy.in_scope(e.section))
-    wanted = (e for e in source.below(plan.prefix) if e.kind == KIND_FILE and policy.in_scope(e.section))
-    end = object()
-    for a, b in itertools.zip_longest(promoted, wanted, fillvalue=end):
-        if a is not b and (a is end or b is end or (a.path, a.size, a.digest) != (b.path, b.size, b.digest)):
-            return False
-    return True
+    return same_files(dest_before.outside(plan.prefix), source.outside(plan.prefix), policy) \
+        and same_files(plan.expected(), source.below(plan.prefix), policy)
 
 
 def linked_digests(plan: TransferPlan, staged: engine.VerifiedTree) -> engine.TrustedDigests:
