@@ -174,15 +174,17 @@ def test_an_agent_that_never_answers_times_out(tmp_path: Path, variant: str, mes
 
 
 def test_a_slow_but_working_agent_is_not_cut_off(tmp_path: Path) -> None:
-    """The real agent paused 2 s inside a call under agent_timeout = 1: its progress frames
-    keep the call alive, so only silence, not slowness, ends a run."""
-    sides = local_sides(tmp_path / "w", agent_timeout=1)
+    """The real agent paused 5 s inside a call under agent_timeout = 2: its progress frames
+    keep the call alive, so only silence, not slowness, ends a run. (With a timeout of 1 s, a
+    loaded machine could take longer than that just to start the agent.)"""
+    sides = local_sides(tmp_path / "w", agent_timeout=2)
     sides.seed_remote()
     sides.seed_local({**BASE_FILES, "meta.md": b"# my_dataset, edited here\n"})
-    env = pause_env("before-verify", tmp_path / "marker", seconds=2)  # the local agent inherits it
+    env = pause_env("before-verify", tmp_path / "marker", seconds=5)  # the local agent inherits it
     out = tmp_path / "audit.json"
     proc = sides.run("push", "--audit-json-out", str(out), env=env, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "marker").read_text().startswith("before-verify ")  # the agent did pause
     assert load_audit(out)["transfer_state"] == "TRANSFERRED"
     sides.assert_in_sync()
 
