@@ -241,6 +241,7 @@ def default_cache_dir():
 # ints it took ~190 bytes, and a million of them ~120 MB more on each end and 30% longer to load.
 CACHE_KEY = struct.Struct("<QqqQ")
 KEY_SIZE = CACHE_KEY.size
+NO_KEY = bytes(KEY_SIZE)  # in place of a key where a digest may not be cached (no inode is 0)
 DIGEST_SIZES = {"xxh3_128": 16, "sha256": 32}
 
 
@@ -647,6 +648,7 @@ def gc_paused():
 
 _isascii = getattr(str, "isascii", None)  # Python >= 3.7
 _first = itemgetter(0)
+_entry_size = itemgetter(2)  # of a manifest entry as a list
 _path_attribute = attrgetter("path")
 # What a scan keeps of an lstat (the hash cache keys on it, packed: cache_key). An os.stat_result
 # takes ~600 bytes, this ~170: a scan holds one per file of the directory at hand.
@@ -892,7 +894,11 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
         cache.start_scan()
     racy_from = scan_start - RACY_WINDOW_NS
     entries = []
+    # The entries to hash, and side by side the cache key of each (KEY_SIZE bytes, all zero where
+    # none may be cached) packed in one bytearray: a (entry, key) tuple and a bytes key per file
+    # held ~100 MB more at a million files, during a first scan's peak.
     to_hash = []
+    hash_keys = bytearray()
     as_lists = []  # with entry_type: (start, stop) of each run of entries built as lists, converted at the end
     with gc_paused():
         for batch in walk_batches(root):
@@ -908,7 +914,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 if kind != KIND_FILE or (hash_sections is not None and section not in hash_sections):
                     continue
                 if section == EVENTS:
-                    to_hash.append((entry, None))  # always rehashed: it grows in place
+                    to_hash.append(entry)  # always rehashed: it grows in place; never cached
+                    hash_keys += NO_KEY
                     continue
                 # Racy files (git's rule) are always rehashed: neither cached nor trusted digests apply.
                 racy = st.st_mtime_ns >= racy_from
@@ -927,7 +934,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
                 if digest is not None:
                     entry[5] = digest
                 else:
-                    to_hash.append((entry, key))  # the key, not the FileStat: ~190 bytes less per file
+                    to_hash.append(entry)  # with its key, not its FileStat: ~190 bytes less per file
+                    hash_keys += key if key is not None else NO_KEY
             del batch  # this directory's FileStats can go: entries and keys hold what is needed
             if entry_type is not None:
                 if len(to_hash) == queued:  # complete already: typed now, not held as lists to the end
@@ -942,7 +950,10 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     def work(job):
         if cancelled is not None and cancelled.is_set():
             raise Cancelled()
-        entry, key = job
+        entry = to_hash[job]
+        key = bytes(hash_keys[job * KEY_SIZE:(job + 1) * KEY_SIZE])
+        if key == NO_KEY:
+            key = None
         digest, nbytes = hash_file(fs_path(root, entry[0]), algo)
         entry[5] = digest
         if nbytes != entry[2]:
@@ -959,7 +970,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
 
     if to_hash:
         if progress_start is not None:
-            progress_start(len(to_hash), sum(entry[2] for entry, _ in to_hash))
+            progress_start(len(to_hash), sum(map(_entry_size, to_hash)))
         # Threads only for files of at least one read chunk. Measured on the 2-core test VM
         # (README, "Performance"): 100k x 4 KiB took 1.0 s in one thread, 3.2-4.0 s on 2
         # threads (every open/read/close hands the GIL back and forth) and 0.9-1.0 s on 2
@@ -967,10 +978,10 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
         # forking a threaded orchestrator is unsafe). 4 x 1 GiB from the page cache took
         # 0.38-0.46 s either way (memory-bound); reading and hashing drop the GIL, so threads
         # overlap the reads where storage latency is the limit (cold caches, Lustre).
-        small = [job for job in to_hash if job[0][2] < READ_CHUNK]
-        big = [job for job in to_hash if job[0][2] >= READ_CHUNK]
-        for job in small:
-            work(job)
+        big = [job for job, entry in enumerate(to_hash) if entry[2] >= READ_CHUNK]
+        for job, entry in enumerate(to_hash):
+            if entry[2] < READ_CHUNK:
+                work(job)
         if jobs <= 1 or len(big) <= 1:
             for job in big:
                 work(job)
@@ -981,8 +992,8 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 for _ in pool.map(work, big):
                     pass
-        del small, big
-    del to_hash  # ~130 bytes a file hashed: gone before the cache merges what was put and saves it
+        del big
+    to_hash = hash_keys = None  # gone before the cache merges what was put and saves it
     for start, stop in as_lists:
         run = list(starmap(entry_type, entries[start:stop]))
         entries[start:stop] = share(run) if share is not None else run
