@@ -3,6 +3,7 @@ the hash cache's invalidation rules, locks, staging, verification, promotion and
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import gc
@@ -242,6 +243,121 @@ def test_a_file_removed_between_listing_and_stat_is_left_out(tmp_path: Path, mon
     monkeypatch.undo()
     assert [e[0] for e in entries] == ["_derived/a", "_derived/z", "records.parquet"]
     assert [e[5] for e in entries] == [sha(b"a"), sha(b"z"), sha(b"p")]
+
+
+MOUNTINFO = "\n".join([
+    "22 1 0:21 / / rw,relatime - ext4 /dev/vda rw",
+    "30 22 0:40 / /home rw,relatime - nfs4 fs:/home rw,vers=4.2",
+    "31 22 0:41 / /scratch rw - lustre 10.0.0.1@o2ib:/scratch rw,flock",
+    "32 31 0:42 / /scratch/local rw - xfs /dev/nvme0n1 rw",
+    "33 22 0:43 / /mnt/my\\040disk rw,nosuid shared:7 - fuse.sshfs me@host: rw,user_id=0",
+    "34 22 0:44 / /mnt/usb rw - fuseblk /dev/sdb1 rw",
+    "35 30 0:45 / /home rw - ext4 /dev/vdb rw",  # mounted over the NFS one: the last mount wins
+    "garbage without a separator",
+])
+
+
+@pytest.mark.parametrize(("path", "fs_type"), [
+    ("/", "ext4"), ("/etc/passwd", "ext4"), ("/home/me/data", "ext4"), ("/homework/x", "ext4"),
+    ("/scratch", "lustre"), ("/scratch/me/ds", "lustre"), ("/scratch/local/ds", "xfs"),
+    ("/scratch/localx/ds", "lustre"), ("/mnt/my disk/ds", "fuse.sshfs"), ("/mnt/usb/ds", "fuseblk"),
+])
+def test_the_filesystem_of_a_path_is_that_of_its_longest_mount_point(path: str, fs_type: str) -> None:
+    assert engine.mount_fs_type(path, MOUNTINFO) == fs_type
+
+
+def test_a_path_under_no_mount_point_has_no_filesystem_type() -> None:
+    without_root = "\n".join(MOUNTINFO.splitlines()[1:])
+    assert engine.mount_fs_type("/data", without_root) is None
+
+
+@pytest.mark.parametrize(("fs_type", "jobs", "threads"), [
+    ("ext4", 8, 1), ("xfs", 2, 1), ("tmpfs", 2, 1), ("fuseblk", 4, 1), (None, 4, 1), ("overlay", 2, 1),
+    ("lustre", 2, 8), ("nfs4", 1, 4), ("gpfs", 4, 16), ("fuse.sshfs", 2, 8), ("beegfs", 64, 32),
+])
+def test_only_network_filesystems_stat_on_several_threads(fs_type: str | None, jobs: int, threads: int) -> None:
+    assert engine.threads_for_fs(fs_type, jobs) == threads
+
+
+def test_this_test_directory_is_scanned_on_one_thread_unless_it_is_remote(tmp_path: Path) -> None:
+    with open("/proc/self/mountinfo") as handle:
+        fs_type = engine.mount_fs_type(os.path.realpath(tmp_path), handle.read())
+    assert fs_type is not None
+    assert engine.stat_threads(str(tmp_path), 2) == engine.threads_for_fs(fs_type, 2)
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+def test_a_walk_on_several_threads_yields_what_one_thread_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               threads: int) -> None:
+    """Directories below and above PARALLEL_STAT_MIN files, the general path's names among them:
+    the same rows, in the same runs, each file with its own stat."""
+    files = {"records.parquet": b"p", "meta.md": b"m", "_derived/few/a": b"a", "_derived/few/b": b"bb"}
+    files.update({f"_derived/many/f{i:04d}": b"x" * i for i in range(3 * engine.PARALLEL_STAT_MIN + 7)})
+    files.update({f"_derived/mixed/f{i:03d}": b"y" * i for i in range(engine.PARALLEL_STAT_MIN)})
+    files["_derived/mixed/caf\u00e9"] = b"non-ASCII: this directory takes the general path"
+    write(tmp_path, files)
+    os.symlink("f0001", tmp_path / "_derived" / "many" / "link")
+    serial = list(engine.walk_batches(str(tmp_path)))
+    stated = []  # the size of each directory the walk handed to the threads' stat
+    parallel_lstat = engine._parallel_lstat
+
+    def spied(pool: Any, count: int) -> Any:
+        lstat_all = parallel_lstat(pool, count)
+        return lambda entries: stated.append(len(entries)) or lstat_all(entries)
+
+    monkeypatch.setattr(engine, "_parallel_lstat", spied)
+    assert list(engine.walk_batches(str(tmp_path), threads)) == serial
+    assert 3 * engine.PARALLEL_STAT_MIN + 8 in stated  # _derived/many, its symlink included
+    stats = {rel: st for batch in serial for rel, _, _, st in batch}
+    for rel in ("_derived/many/f0000", "_derived/many/f0100", "_derived/many/link", "_derived/mixed/caf\u00e9"):
+        st = os.lstat(tmp_path / rel)
+        assert stats[rel] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    assert len(stats) == len(files) + 1
+
+
+def test_scans_and_verifications_stat_on_the_threads_their_filesystem_gets(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"records.parquet": b"p", **{f"_derived/d/f{i:03d}": b"%d" % i for i in range(100)}}
+    write(tmp_path, files)
+    alone = engine.build_manifest(str(tmp_path), "sha256", use_cache=False)
+    asked = []
+    monkeypatch.setattr(engine, "stat_threads", lambda root, jobs: asked.append((root, jobs)) or 3)
+    stated = []
+    parallel_lstat = engine._parallel_lstat
+    monkeypatch.setattr(engine, "_parallel_lstat", lambda pool, count: lambda entries: stated.append(
+        (count, len(entries))) or parallel_lstat(pool, count)(entries))
+    assert engine.build_manifest(str(tmp_path), "sha256", jobs=5, use_cache=False) == alone
+    result = engine.verify_tree(str(tmp_path), expected_of(files), ["records.parquet"], "sha256", jobs=7)
+    assert (result["problems"], result["checked"]) == ([], 1)
+    assert asked == [(str(tmp_path), 5), (str(tmp_path), 7)] and sorted(stated) == [(3, 1), (3, 1), (3, 100), (3, 100)]
+
+
+class _Entry:
+    """A DirEntry's stat(), as _parallel_lstat calls it: what it returns names the entry and the
+    thread that asked; `fails` raises instead, as for a file gone since the listing."""
+
+    def __init__(self, name: str, fails: bool = False):
+        self.name, self.fails = name, fails
+
+    def stat(self, follow_symlinks: bool = True) -> tuple[str, int]:
+        if self.fails:
+            raise FileNotFoundError(errno.ENOENT, "gone", self.name)
+        return self.name, threading.get_ident()
+
+
+def test_parallel_stats_keep_the_order_and_raise_what_any_thread_meets() -> None:
+    """A directory of PARALLEL_STAT_MIN files or more is stated on the pool's threads, a smaller
+    one on the scanning thread; either way in the listing's order."""
+    names = [f"f{i:03d}" for i in range(200)]
+    here = threading.get_ident()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        lstat_all = engine._parallel_lstat(pool, 4)
+        many = lstat_all([_Entry(n) for n in names])
+        assert [name for name, _ in many] == names and here not in {thread for _, thread in many}
+        few = lstat_all([_Entry(n) for n in names[:engine.PARALLEL_STAT_MIN - 1]])
+        assert few == [(n, here) for n in names[:engine.PARALLEL_STAT_MIN - 1]]
+        with pytest.raises(FileNotFoundError):
+            lstat_all([_Entry(n, fails=n == "f150") for n in names])
 
 
 @pytest.mark.parametrize("final_sort", [True, False])

@@ -264,12 +264,12 @@ class RemoteSession:
         return reply
 
     async def verify(self, dataset: str, txid: str, *, expected: ExpectedTree, reread: list[str], algo: str,
-                     staging: bool, subtree: str, remember: bool = False) -> VerifyReply:
+                     staging: bool, subtree: str, jobs: int, remember: bool = False) -> VerifyReply:
         """Check staging, or the live directory `subtree`, against `expected` (dataset-relative paths).
         `remember` (live only): the agent puts in its hash cache the digests of the files it reread
         and found right, and those its last manifest call of this dataset was told to trust."""
         args = self._args(dataset, txid=txid, expected=expected, reread=reread, algo=algo, staging=staging,
-                          subtree=subtree, remember=remember)
+                          subtree=subtree, jobs=jobs, remember=remember)
         reply, _ = await self.client.call("verify", args, VerifyReply)
         if len(reply.stats) not in (0, len(expected.paths) * engine.TREE_STAT.size):
             raise ProtocolError(f"the remote agent sent stats of {len(reply.stats)} bytes for {len(expected.paths)} "

@@ -561,14 +561,16 @@ class Run:
             expected = plan.expected_tree()
             result, linked = await self._check_before_promotion(
                 policy, plan, expected,
-                asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree),
+                asyncio.to_thread(verify_local, staging, expected, plan.reread, self.algo, plan.subtree,
+                                  self.options.jobs),
                 "the staged copy", ("remote", remote), ("local", local))
             method = await asyncio.to_thread(promote_local, self.root, self.dataset, self.txid, self.options.wait,
                                              plan.subtree)
             promoted = True
             self.data.transfer.promote = method
             self.log.info("promoted", method=method, subtree=plan.subtree)
-            check = await asyncio.to_thread(verify_local, str(live), expected, [], self.algo, plan.subtree)
+            check = await asyncio.to_thread(verify_local, str(live), expected, [], self.algo, plan.subtree,
+                                            self.options.jobs)
             self._post(policy, plan, local, remote, result, check.problems)
             if self.options.use_cache:  # the staged inodes are live now: the next scan need not read them
                 proven = itertools.chain(linked.items() if linked else (), engine.reread_digests(
@@ -595,7 +597,8 @@ class Run:
             expected = plan.expected_tree()
             await self._check_before_promotion(
                 policy, plan, expected, session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
-                                       algo=self.algo, staging=True, subtree=plan.subtree),
+                                       algo=self.algo, staging=True, subtree=plan.subtree,
+                                       jobs=self.options.jobs),
                 "the remote staged copy", ("local", local), ("remote", remote))
             method = await session.promote(self.dataset, self.txid, wait=self.options.wait, subtree=plan.subtree)
             promoted = True
@@ -604,7 +607,7 @@ class Run:
             # Re-verify the promoted live directory: reread what moved, check every path and size.
             check = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                          algo=self.algo, staging=False, subtree=plan.subtree,
-                                         remember=self.options.use_cache)  # the linked ones came with the rescan
+                                         jobs=self.options.jobs, remember=self.options.use_cache)  # the linked ones came with the rescan
             self._post(policy, plan, remote, local, check, check.problems)
         finally:
             if not promoted:
@@ -702,8 +705,9 @@ def _newline_count(path: Path) -> int:
     return count
 
 
-def verify_local(root: str, expected: ExpectedTree, reread: list[str], algo: str, subtree: str) -> VerifyReply:
-    return msgspec.convert(engine.verify_tree(root, expected.columns(), reread, algo, subtree), VerifyReply)
+def verify_local(root: str, expected: ExpectedTree, reread: list[str], algo: str, subtree: str,
+                 jobs: int) -> VerifyReply:
+    return msgspec.convert(engine.verify_tree(root, expected.columns(), reread, algo, subtree, jobs), VerifyReply)
 
 
 def promote_local(root: Path, dataset: str, txid: str, wait: float, subtree: str) -> str:
