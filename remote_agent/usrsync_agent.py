@@ -717,6 +717,25 @@ def stat_threads(root, jobs):
         return 1
 
 
+POOL_BATCH = 256  # jobs handed to the threads at a time
+
+
+def run_jobs(work, jobs, workers):
+    """work(job) for each of `jobs` (a sequence): in turn, or on `workers` threads when more than
+    one, a batch at a time, so that a million small files never become a million futures at once.
+    What a job raises is raised."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            work(job)
+        return
+    from concurrent.futures import ThreadPoolExecutor  # ~15 ms at every start: only where it pays
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(jobs), POOL_BATCH):
+            for _ in pool.map(work, jobs[start:start + POOL_BATCH]):
+                pass
+
+
 def _lstat_list(entries):
     return list(map(_entry_lstat, entries))
 
@@ -955,6 +974,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     of the manifest it checks, so that it holds no second set of entries).
     """
     scan_start = _time_ns()
+    threads = stat_threads(root, jobs)
     owned = use_cache and cache is None
     if owned:
         cache = HashCache(cache_dir or default_cache_dir(), root, algo)
@@ -971,7 +991,7 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     hash_keys = bytearray()
     as_lists = []  # with entry_type: (start, stop) of each run of entries built as lists, converted at the end
     with gc_paused():
-        for batch in walk_batches(root, stat_threads(root, jobs)):
+        for batch in walk_batches(root, threads):
             known = _known_run(cache, trusted, batch, racy_from, hash_sections, entry_type) \
                 if cache is not None or trusted else None
             if known is not None:
@@ -1041,28 +1061,21 @@ def build_manifest(root, algo, jobs=2, cache_dir=None, use_cache=True, hash_sect
     if to_hash:
         if progress_start is not None:
             progress_start(len(to_hash), sum(map(_entry_size, to_hash)))
-        # Threads only for files of at least one read chunk. Measured on the 2-core test VM
-        # (README, "Performance"): 100k x 4 KiB took 1.0 s in one thread, 3.2-4.0 s on 2
-        # threads (every open/read/close hands the GIL back and forth) and 0.9-1.0 s on 2
+        # On a local disk, threads only for files of at least one read chunk. Measured on the
+        # 2-core test VM (README, "Performance"): 100k x 4 KiB took 1.0 s in one thread, 3.2-4.0 s
+        # on 2 threads (every open/read/close hands the GIL back and forth) and 0.9-1.0 s on 2
         # forked processes, so small files stay in this thread (no process pool: no gain, and
         # forking a threaded orchestrator is unsafe). 4 x 1 GiB from the page cache took
         # 0.38-0.46 s either way (memory-bound); reading and hashing drop the GIL, so threads
-        # overlap the reads where storage latency is the limit (cold caches, Lustre).
-        big = [job for job, entry in enumerate(to_hash) if entry[2] >= READ_CHUNK]
-        for job, entry in enumerate(to_hash):
-            if entry[2] < READ_CHUNK:
-                work(job)
-        if jobs <= 1 or len(big) <= 1:
-            for job in big:
-                work(job)
+        # overlap the reads where storage latency is the limit (cold caches). On a network
+        # filesystem every open and read waits on the server: every file goes to the threads.
+        if threads > 1:
+            run_jobs(work, range(len(to_hash)), threads)
         else:
-            # Imported here: ~15 ms at every agent start for something only big files need.
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                for _ in pool.map(work, big):
-                    pass
-        del big
+            for job, entry in enumerate(to_hash):
+                if entry[2] < READ_CHUNK:
+                    work(job)
+            run_jobs(work, [job for job, entry in enumerate(to_hash) if entry[2] >= READ_CHUNK], jobs)
     to_hash = hash_keys = None  # gone before the cache merges what was put and saves it
     for start, stop in as_lists:
         run = list(starmap(entry_type, entries[start:stop]))
@@ -1459,6 +1472,7 @@ def verify_tree(root, expected, reread, algo, subtree="", jobs=2):
     """
     if not stat.S_ISDIR(os.lstat(root).st_mode):  # e.g. a symlink planted in place of staging
         return {"problems": [[subtree or ".", "not a directory"]], "checked": 0, "bytes": 0, "stats": b""}
+    threads = stat_threads(root, jobs)
     prefix = subtree + "/" if subtree else ""
     paths_expected, sizes = expected["paths"], expected["sizes"]
     count = len(paths_expected)
@@ -1468,7 +1482,7 @@ def verify_tree(root, expected, reread, algo, subtree="", jobs=2):
     problems = []
     cursor = 0  # the walk goes in path order: a run that is right is the next run of expected paths
     with gc_paused():
-        for batch in walk_batches(root, stat_threads(root, jobs)):
+        for batch in walk_batches(root, threads):
             paths, _, kinds, file_stats = zip(*batch)
             if prefix:
                 paths = tuple(map(prefix.__add__, paths))
@@ -1497,18 +1511,20 @@ def verify_tree(root, expected, reread, algo, subtree="", jobs=2):
         problems += [[rel, "missing"] for rel, seen in zip(paths_expected, met) if not seen]
     tree = VerifiedTree(expected, packed)
     bad = set(p[0] for p in problems)
-    checked = 0
-    nbytes = 0
-    for rel in reread:
-        if rel in bad:
-            continue
+    totals = [0, 0]  # files and bytes reread
+    lock = threading.Lock()
+
+    def reread_file(rel):
         digest, n = hash_file(fs_path(root, rel[len(prefix):]), algo)
-        checked += 1
-        nbytes += n
-        if digest != tree.digest(rel):
-            problems.append([rel, "content differs from the source manifest"])
+        with lock:
+            totals[0] += 1
+            totals[1] += n
+            if digest != tree.digest(rel):
+                problems.append([rel, "content differs from the source manifest"])
+
+    run_jobs(reread_file, [rel for rel in reread if rel not in bad], threads)
     problems.sort()
-    return {"problems": problems, "checked": checked, "bytes": nbytes, "stats": b"" if problems else tree.packed}
+    return {"problems": problems, "checked": totals[0], "bytes": totals[1], "stats": b"" if problems else tree.packed}
 
 
 # A verified file's stat as verify_tree() packs it: (inode, mtime_ns, ctime_ns); its size is the

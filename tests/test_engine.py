@@ -326,10 +326,34 @@ def test_scans_and_verifications_stat_on_the_threads_their_filesystem_gets(tmp_p
     parallel_lstat = engine._parallel_lstat
     monkeypatch.setattr(engine, "_parallel_lstat", lambda pool, count: lambda entries: stated.append(
         (count, len(entries))) or parallel_lstat(pool, count)(entries))
+    hashed_on = set()  # the threads files were hashed on
+    hash_file = engine.hash_file
+    monkeypatch.setattr(engine, "hash_file", lambda path, algo: hashed_on.add(threading.get_ident()) or hash_file(
+        path, algo))
     assert engine.build_manifest(str(tmp_path), "sha256", jobs=5, use_cache=False) == alone
-    result = engine.verify_tree(str(tmp_path), expected_of(files), ["records.parquet"], "sha256", jobs=7)
-    assert (result["problems"], result["checked"]) == ([], 1)
+    assert threading.get_ident() not in hashed_on  # small files too: a network filesystem's latency
+    hashed_on.clear()
+    result = engine.verify_tree(str(tmp_path), expected_of(files), sorted(files), "sha256", jobs=7)
+    assert (result["problems"], result["checked"], result["bytes"]) == ([], 101, sum(map(len, files.values())))
+    assert hashed_on and threading.get_ident() not in hashed_on
     assert asked == [(str(tmp_path), 5), (str(tmp_path), 7)] and sorted(stated) == [(3, 1), (3, 1), (3, 100), (3, 100)]
+    # Every file is hashed on the threads there, and a wrong one is still found.
+    (tmp_path / "_derived/d/f042").write_bytes(b"xy")  # same size, other bytes
+    result = engine.verify_tree(str(tmp_path), expected_of(files), sorted(files), "sha256", jobs=7)
+    assert result["problems"] == [["_derived/d/f042", "content differs from the source manifest"]]
+
+
+def test_run_jobs_runs_each_job_once_and_raises_what_one_raises() -> None:
+    for workers in (1, 4):
+        done = []
+        engine.run_jobs(done.append, range(3 * engine.POOL_BATCH + 5), workers)
+        assert sorted(done) == list(range(3 * engine.POOL_BATCH + 5))
+
+        def fails_at_600(job: int) -> None:
+            if job == 600:
+                raise OSError(errno.EIO, "unreadable")
+        with pytest.raises(OSError):
+            engine.run_jobs(fails_at_600, range(1000), workers)
 
 
 class _Entry:
