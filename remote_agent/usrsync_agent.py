@@ -708,13 +708,18 @@ def threads_for_fs(fs_type, jobs):
     return min(MAX_STAT_THREADS, STAT_THREADS_PER_JOB * max(1, jobs))
 
 
-def stat_threads(root, jobs):
-    """threads_for_fs() of the filesystem `root` is on (unknown without /proc: not Linux)."""
+def filesystem_type(path):
+    """The type of the filesystem `path` is on; None where that is unknown (no /proc: not Linux)."""
     try:
         with open("/proc/self/mountinfo", errors="surrogateescape") as handle:
-            return threads_for_fs(mount_fs_type(os.path.realpath(root), handle.read()), jobs)
+            return mount_fs_type(os.path.realpath(path), handle.read())
     except OSError:
-        return 1
+        return None
+
+
+def stat_threads(root, jobs):
+    """threads_for_fs() of the filesystem `root` is on."""
+    return threads_for_fs(filesystem_type(root), jobs)
 
 
 POOL_BATCH = 256  # jobs handed to the threads at a time
@@ -2069,6 +2074,7 @@ class Agent(object):
             "base_dir": base,
             "exists": exists,
             "writable": exists and os.access(base, os.W_OK | os.X_OK),
+            "fs_type": filesystem_type(base) if exists else None,
         }
 
     def call_manifest(self, args, rid):

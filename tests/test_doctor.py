@@ -9,11 +9,27 @@ import tomli_w
 from helpers import REMOTE, agent_double, local_sides, run_usr
 from rig import SshRig
 
+from remote_agent import usrsync_agent as engine
 from usrsync import rsync
+from usrsync.doctor import filesystem_note
 
 CHECKS = ["local rsync", "local ssh client", "connect + host key", "remote python", "agent", "hash algorithm",
           "remote rsync", "base_dir"]
 REMOTE_CHECKS = CHECKS[3:]
+
+
+def fs_note(base: Path) -> str:
+    """What doctor adds about base_dir's filesystem (this machine's: seen by the test itself)."""
+    fs_type = engine.filesystem_type(str(base))
+    assert fs_type is not None  # Linux: /proc/self/mountinfo names every mount
+    return filesystem_note(fs_type)
+
+
+def test_the_base_dir_line_says_what_its_filesystem_means_for_a_scan() -> None:
+    assert filesystem_note("lustre") == (" (lustre, a network filesystem: scans stat and hash files on "
+                                         f"{engine.STAT_THREADS_PER_JOB} threads per --jobs)")
+    assert filesystem_note("fuse.sshfs").startswith(" (fuse.sshfs, a network filesystem: ")
+    assert (filesystem_note("ext4"), filesystem_note(None)) == (" (ext4)", "")
 
 
 def doctor(cfg: Path, name: str) -> tuple[int, list[str]]:
@@ -66,7 +82,8 @@ def test_doctor_passes_against_the_rig(remotes_config: Path, sshd_rig: SshRig, f
                      else "sha256: no xxhash module on the remote")
     assert by_name["hash algorithm"].startswith(f"ok   hash algorithm: {expected_algo}")
     assert by_name["remote rsync"] == f"ok   remote rsync: rsync is rsync {rsync_version} (protocol {local.protocol})"
-    assert by_name["base_dir"] == f"ok   base_dir: {fresh_remote_base} exists and is writable"
+    assert by_name["base_dir"] == (f"ok   base_dir: {fresh_remote_base} exists and is writable"
+                                   f"{fs_note(fresh_remote_base)}")
 
 
 def test_doctor_missing_base_dir(tmp_path: Path, sshd_rig: SshRig, fresh_remote_base: Path) -> None:
@@ -116,7 +133,7 @@ def test_doctor_local_remote(tmp_path: Path) -> None:
     assert code == 0, lines
     by_name = check_lines(lines)
     assert by_name["connect + host key"] == "ok   connect + host key: local remote: no SSH, agent runs as a subprocess"
-    assert by_name["base_dir"] == f"ok   base_dir: {base} exists and is writable"
+    assert by_name["base_dir"] == f"ok   base_dir: {base} exists and is writable{fs_note(base)}"
 
 
 def test_doctor_local_remote_with_a_missing_python(tmp_path: Path) -> None:
@@ -148,5 +165,5 @@ def test_doctor_old_python_and_no_rsync(tmp_path: Path) -> None:
     assert lines[5].startswith("ok   agent: version 1 deployed and answering on ")
     assert lines[6] == ("ok   hash algorithm: sha256: no xxhash module on the remote "
                         "(just as exact, slower than xxh3_128)")
-    assert lines[9] == f"ok   base_dir: {sides.base} exists and is writable"
+    assert lines[9] == f"ok   base_dir: {sides.base} exists and is writable"  # the double names no filesystem
     check_lines(lines)

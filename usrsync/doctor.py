@@ -169,7 +169,17 @@ def check_base_dir(name: str, session: RemoteSession) -> Check:
     if not base.writable:
         return _fail(name, f"{base.base_dir} exists {where} but is not writable by {session.hello.user}",
                      f"make it writable (chmod u+w {base.base_dir}) or choose another base_dir", EXIT_USAGE)
-    return _ok(name, f"{base.base_dir} exists and is writable")
+    return _ok(name, f"{base.base_dir} exists and is writable{filesystem_note(base.fs_type)}")
+
+
+def filesystem_note(fs_type: str | None) -> str:
+    """What the filesystem type means for a scan there, for the base_dir line."""
+    if fs_type is None:
+        return ""
+    if engine.threads_for_fs(fs_type, 1) > 1:
+        return (f" ({fs_type}, a network filesystem: scans stat and hash files on "
+                f"{engine.STAT_THREADS_PER_JOB} threads per --jobs)")
+    return f" ({fs_type})"
 
 
 REMOTE_CHECKS = (

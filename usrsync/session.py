@@ -48,6 +48,7 @@ class BaseInfo(msgspec.Struct):
     base_dir: str
     exists: bool
     writable: bool
+    fs_type: str | None = None  # as /proc/self/mountinfo names it; None where unknown
 
 
 class ManifestReply(msgspec.Struct):

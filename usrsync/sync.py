@@ -605,9 +605,10 @@ class Run:
             self.data.transfer.promote = method
             self.log.info("promoted", method=method, subtree=plan.subtree)
             # Re-verify the promoted live directory: reread what moved, check every path and size.
+            # `remember`: the linked files' digests came with the rescan.
             check = await session.verify(self.dataset, self.txid, expected=expected, reread=plan.reread,
                                          algo=self.algo, staging=False, subtree=plan.subtree,
-                                         jobs=self.options.jobs, remember=self.options.use_cache)  # the linked ones came with the rescan
+                                         jobs=self.options.jobs, remember=self.options.use_cache)
             self._post(policy, plan, remote, local, check, check.problems)
         finally:
             if not promoted:
