@@ -22,8 +22,8 @@ demo:
 	uv run usr demo
 
 bench:
-	bash scripts/bootstrap.sh --test
-	uv run python scripts/bench.py $(if $(QUICK),--quick)
+	bash scripts/bootstrap.sh --test --bench
+	uv run --group bench python scripts/bench.py $(if $(QUICK),--quick)
 
 # No linter is a project dependency; use ruff when it is installed, else a syntax check.
 lint:

@@ -44,8 +44,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import rig as rigmod  # noqa: E402
 
-SCENARIOS = ("S1", "S2", "S3", "S4", "S4b", "S5", "S5s", "S6", "S7")
+SCENARIOS = ("S1", "S1n", "S2", "S3", "S4", "S4b", "S5", "S5s", "S6", "S7")
 BLOCK = 4096
+# S1n: what latencyfs adds to every metadata request, as a network filesystem's round trip does
+# (Lustre: ~2,500 stats a second per client).
+METADATA_DELAY = 0.0004
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +194,7 @@ class Bench:
         self.work = work
         self.small = small
         self.big = work / "big"
+        self.latency_mount = work / "latency"  # S1n: the small remote trees behind latencyfs
         self.notes = notes
         self.rows: list[Row] = []
         self.counter = 0
@@ -237,6 +241,7 @@ class Bench:
         remotes = {name: self.rig.remote_profile(base_dir=base / "remote", python=self.remote_python)
                    for name, base in (("small", self.small), ("big", self.big))}
         remotes["big-openssh"] = {**remotes["big"], "transport": "openssh"}
+        remotes["small-latency"] = {**remotes["small"], "base_dir": str(self.latency_mount)}
         self.config.write_text(tomli_w.dumps({"remotes": remotes}))
 
     def remote_dir(self, kind: str, dataset: str) -> Path:
@@ -352,6 +357,29 @@ class Bench:
         self.rows.append(Row("S1b same tree", "`usr diff`", "`rsync -a --dry-run` (size+mtime)", "s", ours, quick,
                              "≤ 1.5", 1.5))
         self.rows.append(self.anchor("S1", local, remote, s.anchor_sample, ours, "page cache warm"))
+
+    def s1n(self) -> None:
+        """S1 with the remote tree behind latencyfs, as if on a network filesystem: there the agent
+        stats and hashes on threads, where rsync's sender stats one file after another."""
+        missing = latency_fs_missing()
+        if missing:
+            self.notes.append(f"S1n skipped: {missing}")
+            return
+        root = self.small / "local"
+        with latency_fs(self.small / "remote", self.latency_mount, METADATA_DELAY) as mount:
+            self.log("S1n: warming the remote hash cache through latencyfs (it hashes every file)")
+            _, data = self.usr("diff", "s1", "small-latency", root)
+            self.expect_in_sync(data, "S1n")
+            self.log("S1n: no-op usr diff vs rsync -a --dry-run, remote behind latencyfs")
+            # A pause first: no run finds the kernel's attribute cache (1 s) warm from the one before.
+            ours, theirs = self.rotate(self.scale.big_reps, [
+                lambda i: self.usr("diff", "s1", "small-latency", root)[0],
+                lambda i: self.rsync(mount / "s1", root / "s1", "-a", "--dry-run")[0],
+            ], before=lambda: time.sleep(1.5))
+        self.rows.append(Row(f"S1n S1 no-op, remote behind {METADATA_DELAY * 1000:g} ms per metadata request",
+                             "`usr diff`", "`rsync -a --dry-run`", "s", ours, theirs, "",
+                             note="the remote tree through scripts/latencyfs.py (FUSE), as on a network "
+                                  "filesystem; the agent stats and hashes there on 4 threads per --jobs"))
 
     def anchor(self, scenario: str, local: Path, remote: Path, sample: int, ours: list[float], how: str,
                before: Callable[[], None] | None = None) -> Row:
@@ -741,6 +769,46 @@ def dest_fs(path: Path, need: int, notes: list[str]) -> Iterator[Path]:
             subprocess.run(["umount", str(path)], capture_output=True, check=False)
 
 
+def latency_fs_missing() -> str:
+    """Why latencyfs cannot run here ("" when it can)."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if not shutil.which("fusermount3"):
+        return "no libfuse3 (Debian: apt-get install fuse3)"
+    try:
+        import mfusepy  # noqa: F401 - loads libfuse3
+    except (ImportError, OSError) as exc:
+        return f"mfusepy does not load ({exc}; `uv sync --group bench`)"
+    return ""
+
+
+def is_mount_point(path: Path) -> bool:
+    return any(len(line.split()) > 4 and line.split()[4] == str(path)
+               for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+@contextlib.contextmanager
+def latency_fs(source: Path, mountpoint: Path, delay: float) -> Iterator[Path]:
+    """`source` seen through scripts/latencyfs.py at `mountpoint`, unmounted and stopped afterwards."""
+    mountpoint.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "latencyfs.py"), str(source), str(mountpoint),
+                             str(delay)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while not is_mount_point(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"latencyfs did not mount {mountpoint}")
+            time.sleep(0.05)
+        yield mountpoint
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def dest_is_tmpfs(path: Path) -> bool:
     return any(line.split()[1] == str(path) and line.split()[2] == "tmpfs"
                for line in Path("/proc/mounts").read_text().splitlines() if len(line.split()) > 2)
@@ -829,12 +897,14 @@ def compile_project(notes: list[str]) -> None:
 def run_scenarios(bench: Bench, only: set[str]) -> None:
     (bench.small / "remote").mkdir()
     (bench.big / "remote").mkdir(parents=True)
-    if only & {"S1", "S4", "S5s", "S7"}:
+    if only & {"S1", "S1n", "S4", "S5s", "S7"}:
         bench.setup_small()
     if "S7" in only:
         bench.s7()
     if "S1" in only:
         bench.s1()
+    if "S1n" in only:
+        bench.s1n()
     if "S4" in only:
         bench.s4()
     if "S5s" in only:

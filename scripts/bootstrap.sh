@@ -2,14 +2,17 @@
 # Set up a fresh Debian/Ubuntu machine (python3 >= 3.10 only) to run usrsync from this checkout.
 #   scripts/bootstrap.sh          uv (installed if missing) + `uv sync --frozen`
 #   scripts/bootstrap.sh --test   also the system tools the tests need (rsync, sshd, ssh, jq, ...)
+#   scripts/bootstrap.sh --bench  also what `make bench` needs besides (libfuse3, the bench group)
 # Idempotent; silent when everything is already there. Exit 2: something must be installed by root.
 set -euo pipefail
 
 want_test=0
+want_bench=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
-    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+    --bench) want_bench=1 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
     *) echo "bootstrap: unknown argument: $arg" >&2; exit 64 ;;
   esac
 done
@@ -52,6 +55,9 @@ if [ "$want_test" -eq 1 ]; then
     mkdir -p -m 0755 /run/sshd   # sshd's privilege-separation dir; no systemd unit creates it here
   fi
 fi
+if [ "$want_bench" -eq 1 ] && ! have fusermount3; then
+  apt_install fuse3   # S1n's FUSE filesystem (scripts/latencyfs.py)
+fi
 
 # --- uv ---------------------------------------------------------------------------------
 export PATH="$HOME/.local/bin:$PATH"
@@ -83,5 +89,7 @@ fi
 cd "$repo"
 # Bytecode now, not at first import: where PYTHONDONTWRITEBYTECODE is set (CI images often set
 # it), every `usr` process would otherwise compile asyncssh, rich, click... from source again.
-uv sync --frozen --quiet --compile-bytecode
+groups=()
+[ "$want_bench" -eq 1 ] && groups+=(--group bench)
+uv sync --frozen --quiet --compile-bytecode ${groups[@]+"${groups[@]}"}
 uv run --frozen --quiet python -m compileall -q usrsync remote_agent
