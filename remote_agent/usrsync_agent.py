@@ -701,8 +701,8 @@ def mount_fs_type(path, mountinfo):
 
 
 def threads_for_fs(fs_type, jobs):
-    """How many threads stat a directory's files on a filesystem of `fs_type` (None: unknown):
-    one on a local filesystem, STAT_THREADS_PER_JOB per job on a network one."""
+    """How many threads a scan or a verification on a filesystem of `fs_type` (None: unknown) stats
+    and hashes files on: one on a local filesystem, STAT_THREADS_PER_JOB per job on a network one."""
     if fs_type is None or not (fs_type in NETWORK_FS_TYPES or fs_type.startswith("fuse.")):
         return 1
     return min(MAX_STAT_THREADS, STAT_THREADS_PER_JOB * max(1, jobs))
