@@ -291,9 +291,10 @@ def test_a_walk_on_several_threads_yields_what_one_thread_does(tmp_path: Path, m
                                                                threads: int) -> None:
     """Directories below and above PARALLEL_STAT_MIN files, the general path's names among them:
     the same rows, in the same runs, each file with its own stat."""
-    files = {"records.parquet": b"p", "meta.md": b"m", "_derived/few/a": b"a", "_derived/few/b": b"bb"}
-    files.update({f"_derived/many/f{i:04d}": b"x" * i for i in range(3 * engine.PARALLEL_STAT_MIN + 7)})
-    files.update({f"_derived/mixed/f{i:03d}": b"y" * i for i in range(engine.PARALLEL_STAT_MIN)})
+    files = {"records.parquet": b"p", "meta.md": b"m", "_derived/one/a": b"a", "_derived/two/a": b"a",
+             "_derived/two/b": b"bb"}
+    files.update({f"_derived/many/f{i:04d}": b"x" * i for i in range(100)})
+    files.update({f"_derived/mixed/f{i:03d}": b"y" * i for i in range(10)})
     files["_derived/mixed/caf\u00e9"] = b"non-ASCII: this directory takes the general path"
     write(tmp_path, files)
     os.symlink("f0001", tmp_path / "_derived" / "many" / "link")
@@ -307,9 +308,9 @@ def test_a_walk_on_several_threads_yields_what_one_thread_does(tmp_path: Path, m
 
     monkeypatch.setattr(engine, "_parallel_lstat", spied)
     assert list(engine.walk_batches(str(tmp_path), threads)) == serial
-    assert 3 * engine.PARALLEL_STAT_MIN + 8 in stated  # _derived/many, its symlink included
+    assert engine.PARALLEL_STAT_MIN == 2 and 101 in stated  # _derived/many, its symlink included
     stats = {rel: st for batch in serial for rel, _, _, st in batch}
-    for rel in ("_derived/many/f0000", "_derived/many/f0100", "_derived/many/link", "_derived/mixed/caf\u00e9"):
+    for rel in ("_derived/many/f0000", "_derived/many/f0099", "_derived/many/link", "_derived/mixed/caf\u00e9"):
         st = os.lstat(tmp_path / rel)
         assert stats[rel] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     assert len(stats) == len(files) + 1
