@@ -702,10 +702,15 @@ def mount_fs_type(path, mountinfo):
     return found
 
 
+def is_network_fs(fs_type):
+    """Whether a filesystem of `fs_type` (None: unknown) answers a stat with a round trip."""
+    return fs_type is not None and (fs_type in NETWORK_FS_TYPES or fs_type.startswith("fuse."))
+
+
 def threads_for_fs(fs_type, jobs):
     """How many threads a scan or a verification on a filesystem of `fs_type` (None: unknown) stats
     and hashes files on: one on a local filesystem, STAT_THREADS_PER_JOB per job on a network one."""
-    if fs_type is None or not (fs_type in NETWORK_FS_TYPES or fs_type.startswith("fuse.")):
+    if not is_network_fs(fs_type):
         return 1
     return min(MAX_STAT_THREADS, STAT_THREADS_PER_JOB * max(1, jobs))
 

@@ -176,7 +176,7 @@ def filesystem_note(fs_type: str | None) -> str:
     """What the filesystem type means for a scan there, for the base_dir line."""
     if fs_type is None:
         return ""
-    if engine.threads_for_fs(fs_type, 1) > 1:
+    if engine.is_network_fs(fs_type):
         return (f" ({fs_type}, a network filesystem: scans stat and hash files on "
                 f"{engine.STAT_THREADS_PER_JOB} threads per --jobs)")
     return f" ({fs_type})"
